@@ -1,0 +1,11 @@
+"""Stage `prepare`: build the GlaS dataset (TFDS) and summarise it.
+
+    python -m oeem_jax.main --config=configs/prepare.py --config.data.dir=../shared/data/glas --workdir=runs/x
+"""
+
+from oeem_jax.config_base import get_base_config
+
+
+def get_config(arg: str | None = None):
+  del arg
+  return get_base_config("prepare")

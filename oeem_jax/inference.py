@@ -1,0 +1,249 @@
+"""Test-time inference: sliding window, multi-scale and flip averaging (REFERENCE.md §6).
+
+One *pass* tiles an image with windows of `window` pixels at `stride` (the reference's mmseg
+"slide" mode: 320 / 256), runs the network on every window, and averages the logits where windows
+overlap. `predict_probs` runs one pass per scale (default 0.75 … 3) and per flip (none, horizontal),
+resizes each pass's logits back to the image size, applies softmax, undoes the flip and averages
+the 16 probability maps (the reference's `aug_test`; no CRF).
+
+Fixed shapes, no recompiles: windows from all passes of an image are streamed into batches of
+exactly `[batch_size, window, window, 3]` (the last batch of an image and windows of an image
+smaller than the window are zero-padded; results are cropped), so a jitted `apply_fn` compiles once
+whatever the image sizes, scales or number of images. All resizing, tiling and stitching happens
+on the host in NumPy / `tf.image.resize` (eager TF kernels, nothing compiled per shape).
+
+Differences from the reference, by design:
+* An image side shorter than the window is zero-padded (in normalised space, i.e. the mean colour,
+  as the training crops are padded, REFERENCE.md §4) up to the window; the reference runs the
+  smaller crop as is. A model with global context (pyramid pooling) sees the padding.
+* The resized image is rounded back to uint8 before normalising, as the reference's uint8 resize
+  does; interpolation is bilinear with half-pixel centres and no antialiasing (REFERENCE.md,
+  porting notes) rather than OpenCV's fixed-point version.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+import numpy as np
+from scipy.special import softmax
+
+ApplyFn = Callable[[np.ndarray], "np.ndarray"]
+
+PAPER_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+
+
+def window_starts(length: int, window: int = 320, stride: int = 256) -> list[int]:
+  """Start offsets of the sliding windows along one side (REFERENCE.md §6).
+
+  Count = (length − window + stride − 1) // stride + 1; window k starts at min(k·stride,
+  length − window), so the last window is flush with the border. A side no longer than the window
+  gets one window at 0 (the caller pads the image to the window).
+
+  Args:
+    length: side length in pixels (>= 1).
+    window: window side in pixels (>= 1).
+    stride: step between windows in pixels (1 <= stride).
+
+  Returns:
+    Sorted list of start offsets (ints).
+
+  Raises:
+    ValueError: a non-positive argument.
+  """
+  if length < 1 or window < 1 or stride < 1:
+    raise ValueError(f"window_starts: length, window and stride must be >= 1, got "
+                     f"{length}, {window}, {stride}")
+  if length <= window:
+    return [0]
+  count = (length - window + stride - 1) // stride + 1
+  return [min(k * stride, length - window) for k in range(count)]
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+  """Image size after rescaling by `scale`: int(side·scale + 0.5) (as mmcv's `imrescale`)."""
+  return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
+
+
+def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize with half-pixel centres and no antialiasing (REFERENCE.md porting notes).
+
+  Uses `tf.image.resize` on the host (eager TF kernels: no compile per shape, unlike an eager
+  `jax.image.resize`, and ~25x faster than `scipy.ndimage.zoom`). Same result as PyTorch's
+  `F.interpolate(mode="bilinear", align_corners=False)`.
+
+  Args:
+    x: float[H, W, C] (any real dtype).
+    size: (height, width) of the output, each >= 1.
+
+  Returns:
+    float32[height, width, C] (a copy; `x` itself when the size is unchanged).
+  """
+  x = np.asarray(x, dtype=np.float32)
+  if x.ndim != 3:
+    raise ValueError(f"resize_bilinear: expected [H, W, C], got shape {x.shape}")
+  if tuple(size) == x.shape[:2]:
+    return x
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top  (slow import, only when needed)
+
+  return tf.image.resize(x, tuple(size), method="bilinear", antialias=False).numpy()
+
+
+class _Pass:
+  """One image being tiled: padded input, window offsets, logit sums and the finish callback."""
+
+  def __init__(self, image: np.ndarray, done: Callable[[np.ndarray], None], window: int,
+               stride: int):
+    h, w = image.shape[:2]
+    self.height, self.width = h, w
+    ph, pw = max(h, window), max(w, window)
+    if (ph, pw) != (h, w):
+      image = np.pad(image, ((0, ph - h), (0, pw - w), (0, 0)))
+    self.image = image
+    self.done = done
+    ys, xs = window_starts(h, window, stride), window_starts(w, window, stride)
+    self.coords = [(y, x) for y in ys for x in xs]
+    self.remaining = len(self.coords)
+    self.sum: np.ndarray | None = None  # float32[ph, pw, C], created with the first outputs
+    # Windows form a grid, so the number covering (y, x) is rows(y) * cols(x).
+    rows, cols = np.zeros(ph, np.float32), np.zeros(pw, np.float32)
+    for y in ys:
+      rows[y:y + window] += 1
+    for x in xs:
+      cols[x:x + window] += 1
+    self.count = np.outer(rows[:h], cols[:w])[..., None]
+
+  def add(self, y: int, x: int, logits: np.ndarray, window: int) -> None:
+    if self.sum is None:
+      self.sum = np.zeros(self.image.shape[:2] + logits.shape[-1:], np.float32)
+    self.sum[y:y + window, x:x + window] += logits
+    self.remaining -= 1
+    if self.remaining == 0:
+      h, w = self.height, self.width
+      self.done(self.sum[:h, :w] / self.count)
+      self.sum = self.image = None  # free memory early
+
+
+def _run_passes(apply_fn: ApplyFn, passes: Iterable[tuple[np.ndarray, Callable[[np.ndarray], None]]],
+                *, window: int, stride: int, batch_size: int) -> None:
+  """Streams the windows of all passes through `apply_fn` in fixed-shape batches.
+
+  `passes` yields (image float32[H, W, 3], done); `done(logits float32[H, W, C])` is called as soon
+  as all windows of that pass are back. Passes are consumed lazily, so only the passes with windows
+  in the current batch are held in memory.
+  """
+  if window < 1 or stride < 1 or batch_size < 1:
+    raise ValueError(f"window, stride and batch_size must be >= 1, got {window}, {stride}, "
+                     f"{batch_size}")
+  batch = np.zeros((batch_size, window, window, 3), np.float32)
+  pending: list[tuple[_Pass, int, int]] = []
+
+  def flush() -> None:
+    for k, (p, y, x) in enumerate(pending):
+      batch[k] = p.image[y:y + window, x:x + window]
+    batch[len(pending):] = 0.0
+    out = np.asarray(apply_fn(batch), dtype=np.float32)
+    if out.ndim != 4 or out.shape[:3] != (batch_size, window, window):
+      raise ValueError(f"apply_fn must map float32[{batch_size}, {window}, {window}, 3] to "
+                       f"float32[{batch_size}, {window}, {window}, C], got shape {out.shape}")
+    for k, (p, y, x) in enumerate(pending):
+      p.add(y, x, out[k], window)
+    pending.clear()
+
+  for image, done in passes:
+    image = np.asarray(image, dtype=np.float32)
+    if image.ndim != 3 or image.shape[-1] != 3:
+      raise ValueError(f"expected an image float32[H, W, 3], got shape {image.shape}")
+    p = _Pass(image, done, window, stride)
+    for y, x in p.coords:
+      pending.append((p, y, x))
+      if len(pending) == batch_size:
+        flush()
+  if pending:
+    flush()
+
+
+def sliding_window_logits(apply_fn: ApplyFn, image: np.ndarray, *, window: int = 320,
+                          stride: int = 256, batch_size: int = 8) -> np.ndarray:
+  """Logits of one image by sliding-window inference (REFERENCE.md §6, one pass).
+
+  Args:
+    apply_fn: maps float32[batch_size, window, window, 3] to float32[batch_size, window, window,
+      C] logits (jit it once; it is only ever called with that one shape).
+    image: float32[H, W, 3], already normalised; any H, W >= 1.
+    window: window side (320 in the reference); stride: step (256).
+    batch_size: windows per `apply_fn` call (the last call is zero-padded).
+
+  Returns:
+    float32[H, W, C]: logits averaged over the windows covering each pixel.
+
+  Raises:
+    ValueError: bad image shape, bad sizes, or `apply_fn` returns the wrong shape.
+  """
+  result: list[np.ndarray] = []
+  _run_passes(apply_fn, [(image, result.append)], window=window, stride=stride,
+              batch_size=batch_size)
+  return result[0]
+
+
+def predict_probs(apply_fn: ApplyFn, image: np.ndarray, *,
+                  normalize: Callable[[np.ndarray], np.ndarray],
+                  scales: Sequence[float] = PAPER_SCALES, flip: bool = True, window: int = 320,
+                  stride: int = 256, batch_size: int = 8) -> np.ndarray:
+  """Class probabilities of one image: multi-scale × flip sliding-window inference (REFERENCE.md §6).
+
+  For each scale s: resize the image to `scaled_size(H, W, s)` (bilinear, half-pixel, no
+  antialias; rounded to uint8 as the reference), normalise, and for the unflipped and (if `flip`)
+  the horizontally flipped copy: sliding-window logits, bilinear resize back to H × W, softmax over
+  classes, undo the flip. The probability maps of all passes are averaged.
+
+  Args:
+    apply_fn: as in `sliding_window_logits` (one compile for every image and scale).
+    image: uint8[H, W, 3] RGB image.
+    normalize: maps float32[h, w, 3] RGB in [0, 255] to the network's float32[h, w, 3] input
+      (e.g. ImageNet mean/std, REFERENCE.md §1).
+    scales: resize ratios (the paper's eight by default); each > 0.
+    flip: add horizontally flipped passes.
+    window, stride, batch_size: as in `sliding_window_logits`.
+
+  Returns:
+    float32[H, W, C] probabilities (each pixel sums to 1).
+
+  Raises:
+    ValueError: image not uint8[H, W, 3], empty or non-positive scales, or a bad `apply_fn`.
+  """
+  image = np.asarray(image)
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+    raise ValueError(f"predict_probs: expected uint8[H, W, 3], got {image.dtype}{list(image.shape)}")
+  if not scales or min(scales) <= 0:
+    raise ValueError(f"predict_probs: scales must be a non-empty list of positive ratios, got "
+                     f"{scales}")
+  height, width = image.shape[:2]
+  total: list[np.ndarray] = []  # one running sum, created with the first pass
+
+  def finisher(flipped: bool) -> Callable[[np.ndarray], None]:
+    def done(logits: np.ndarray) -> None:
+      probs = softmax(resize_bilinear(logits, (height, width)), axis=-1)
+      if flipped:
+        probs = probs[:, ::-1]
+      if total:
+        total[0] += probs
+      else:
+        total.append(probs.astype(np.float32))
+    return done
+
+  def passes():
+    source = image.astype(np.float32)
+    for s in scales:
+      size = scaled_size(height, width, s)
+      scaled = np.clip(np.rint(resize_bilinear(source, size)), 0, 255)
+      net_in = np.asarray(normalize(scaled), dtype=np.float32)
+      if net_in.shape != scaled.shape:
+        raise ValueError(f"predict_probs: normalize changed the shape {scaled.shape} -> "
+                         f"{net_in.shape}")
+      yield net_in, finisher(False)
+      if flip:
+        yield np.ascontiguousarray(net_in[:, ::-1]), finisher(True)
+
+  _run_passes(apply_fn, passes(), window=window, stride=stride, batch_size=batch_size)
+  return total[0] / np.float32(len(scales) * (2 if flip else 1))

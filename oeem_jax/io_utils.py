@@ -1,0 +1,79 @@
+"""Small file helpers: atomic writes (temp name, then rename) and repository paths."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def default_glas_dir() -> Path:
+  """Where the real GlaS copy is expected: `$OEEM_GLAS_DIR`, else `<repo>/../shared/data/glas`."""
+  env = os.environ.get("OEEM_GLAS_DIR")
+  return Path(env) if env else (REPO_ROOT.parent / "shared" / "data" / "glas")
+
+
+def _json_default(obj: Any):
+  if isinstance(obj, (np.integer,)):
+    return int(obj)
+  if isinstance(obj, (np.floating,)):
+    return float(obj)
+  if isinstance(obj, np.ndarray):
+    return obj.tolist()
+  if isinstance(obj, Path):
+    return str(obj)
+  raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+  """Writes `data` to `path` via a temp file in the same folder and an atomic rename.
+
+  A crash leaves either the old file or the new one, never a half-written file.
+  """
+  path = Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+  try:
+    with os.fdopen(fd, "wb") as f:
+      f.write(data)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  return path
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
+  """Writes `obj` as indented JSON (numpy scalars/arrays converted) atomically."""
+  text = json.dumps(obj, indent=2, sort_keys=True, default=_json_default, allow_nan=True)
+  return atomic_write_bytes(path, (text + "\n").encode())
+
+
+def atomic_write_png(path: str | os.PathLike, array: np.ndarray, palette: list[int] | None = None) -> Path:
+  """Writes a uint8 array (H, W) or (H, W, 3) as PNG atomically; optional palette for (H, W)."""
+  import io
+
+  from PIL import Image
+
+  array = np.asarray(array)
+  if array.dtype != np.uint8:
+    raise ValueError(f"{path}: expected uint8 array, got {array.dtype}")
+  if palette is not None:
+    if array.ndim != 2:
+      raise ValueError(f"{path}: a palette PNG needs a 2-D index array, got shape {array.shape}")
+    img = Image.frombytes("P", (array.shape[1], array.shape[0]), np.ascontiguousarray(array).tobytes())
+    img.putpalette(palette)
+  else:
+    img = Image.fromarray(array)
+  buf = io.BytesIO()
+  img.save(buf, format="PNG")
+  return atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,39 @@
+r"""Command-line entry point.
+
+    python -m oeem_jax.main --config=configs/<stage>.py[:arg] --workdir=DIR [--config.x.y=value ...]
+
+The config names the stage (`config.stage`); results go to `DIR/<stage>/` with a `summary.json`.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file in configs/, optionally with ':arg' (e.g. configs/cls.py:cpu).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; a run restarted in the same folder resumes.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.get_absl_handler().use_absl_log_file = False
+  from oeem_jax import stages  # import after flag parsing keeps --help fast
+
+  summary = stages.run_stage(_CONFIG.value, _WORKDIR.value)
+  line = summary.get("final_line")
+  if line:
+    print(line)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  sys.exit(run())

@@ -1,0 +1,280 @@
+"""Tests for oeem_jax.metrics against hand-worked cases and slow NumPy/SciPy references."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from scipy.spatial.distance import directed_hausdorff
+
+from oeem_jax import metrics
+
+# ---------------------------------------------------------------------------------------------
+# The 6x6 hand-worked example (coordinates are (row, col)).
+#
+# Ground truth: G1 = rows 0-1 x cols 0-2 (area 6), G2 = rows 2-3 x cols 4-5 (area 4).
+# Prediction (binary) -> 8-connected components in raster order:
+#   Sa = rows 0-1 x cols 0-1 (area 4, label 1), Sb = {(3,5), (4,5)} (area 2, label 2),
+#   Sc = {(5,0)} (area 1, label 3).
+#
+# Pixel level: TP = |Sa∩G1| + |Sb∩G2| = 4 + 1 = 5, FP = 7 - 5 = 2, FN = 10 - 5 = 5,
+#   TN = 36 - 12 = 24 -> conf = [[24, 2], [5, 5]];
+#   IoU_gland = 5/12, IoU_bg = 24/31, mIoU = 443/744, Dice = F1 = 10/17, precision 5/7,
+#   recall 1/2, accuracy 29/36, reference Dice = 2m/(1+m) = 886/1187.
+# Detection: Sa -> G1 covers 4/6 >= 1/2: TP. Sb -> G2 covers 1/4: FP. Sc overlaps nothing: FP.
+#   G2 is matched by no TP: FN. TP 1, FP 2, FN 1 -> F1 = 2/(2+2+1) = 2/5.
+# Object Dice: Dice(G1,Sa) = 8/10, Dice(G2,Sb) = 2/6, Sc -> 0.
+#   S side: (4·4/5 + 2·1/3 + 1·0)/7 = 58/105; G side: (6·4/5 + 4·1/3)/10 = 46/75;
+#   Dice_obj = (58/105 + 46/75)/2 = 102/175.
+# Object Hausdorff: H(G1,Sa) = 1 (G1's column 2 is 1 from Sa); H(G2,Sb) = √2 ((2,4) to (3,5));
+#   Sc has no overlap -> nearest G by Hausdorff: H(G1,Sc) = max(4, |(0,2)-(5,0)| = √29) = √29,
+#   H(G2,Sc) = |(2,5)-(5,0)| = √34, so G1 with √29.
+#   S side: (4·1 + 2·√2 + 1·√29)/7; G side: (6·1 + 4·√2)/10; H_obj = mean of the two.
+# ---------------------------------------------------------------------------------------------
+
+GT = np.array([
+    [1, 1, 1, 0, 0, 0],
+    [1, 1, 1, 0, 0, 0],
+    [0, 0, 0, 0, 2, 2],
+    [0, 0, 0, 0, 2, 2],
+    [0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0],
+], np.int32)
+PRED = np.array([
+    [1, 1, 0, 0, 0, 0],
+    [1, 1, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 0],
+    [0, 0, 0, 0, 0, 1],
+    [0, 0, 0, 0, 0, 1],
+    [1, 0, 0, 0, 0, 0],
+], np.uint8)
+S_HAUS = (4 * 1 + 2 * math.sqrt(2) + math.sqrt(29)) / 7
+G_HAUS = (6 * 1 + 4 * math.sqrt(2)) / 10
+DIAG6 = math.sqrt(50)
+
+
+def test_label_instances_eight_connected_raster_order():
+  lab = metrics.label_instances(PRED)
+  assert lab.dtype == np.int32
+  expected = np.zeros((6, 6), np.int32)
+  expected[0:2, 0:2] = 1
+  expected[3:5, 5] = 2
+  expected[5, 0] = 3
+  np.testing.assert_array_equal(lab, expected)
+  # Diagonal neighbours are one object (8-connectivity).
+  assert metrics.label_instances(np.eye(4, dtype=np.uint8)).max() == 1
+
+
+def test_confusion_and_pixel_metrics_hand_worked():
+  conf = metrics.confusion_matrix(PRED, (GT > 0).astype(np.int64))
+  np.testing.assert_array_equal(conf, [[24, 2], [5, 5]])
+  assert conf.dtype == np.int64
+  pm = metrics.pixel_metrics(conf)
+  assert pm["iou"] == pytest.approx([24 / 31, 5 / 12])
+  assert pm["miou"] == pytest.approx(443 / 744)
+  assert pm["dice"] == pytest.approx(10 / 17)
+  assert pm["f1"] == pm["dice"]
+  assert pm["precision"] == pytest.approx(5 / 7)
+  assert pm["recall"] == pytest.approx(1 / 2)
+  assert pm["accuracy"] == pytest.approx(29 / 36)
+  assert pm["reference_dice"] == pytest.approx(886 / 1187)
+  assert pm["pixels"] == 36
+
+
+def test_confusion_ignore_index_and_errors():
+  pred = np.array([[0, 1], [1, 1]])
+  gt = np.array([[0, 255], [1, 0]])
+  np.testing.assert_array_equal(metrics.confusion_matrix(pred, gt), [[1, 1], [0, 1]])
+  with pytest.raises(ValueError, match="same shape"):
+    metrics.confusion_matrix(pred, gt[:1])
+  with pytest.raises(ValueError, match="pred holds values"):
+    metrics.confusion_matrix(pred * 2, gt)
+
+
+def test_object_metrics_hand_worked():
+  st = metrics.object_stats(metrics.label_instances(PRED), GT)
+  assert (st.tp, st.fp, st.fn, st.num_pred, st.num_gt) == (1, 2, 1, 3, 2)
+  assert st.f1 == pytest.approx(2 / 5)
+  assert st.precision == pytest.approx(1 / 3)
+  assert st.recall == pytest.approx(1 / 2)
+  assert st.dice == pytest.approx(102 / 175)
+  assert st.hausdorff == pytest.approx((S_HAUS + G_HAUS) / 2)
+  assert metrics.object_f1(metrics.label_instances(PRED), GT) == pytest.approx(0.4)
+  assert metrics.object_dice(metrics.label_instances(PRED), GT) == pytest.approx(102 / 175)
+  assert metrics.object_hausdorff(metrics.label_instances(PRED), GT) == pytest.approx(1.4552418, abs=1e-6)
+
+
+def test_gt_ids_need_not_be_consecutive():
+  gt = np.where(GT == 1, 7, np.where(GT == 2, 30, 0))
+  a = metrics.object_stats(metrics.label_instances(PRED), gt)
+  b = metrics.object_stats(metrics.label_instances(PRED), GT)
+  assert a == b
+
+
+def test_perfect_prediction_is_ideal():
+  res = metrics.evaluate_split([(GT > 0).astype(np.uint8)], [GT])
+  assert res["pixel"]["miou"] == 1.0
+  assert res["pixel"]["dice"] == 1.0 and res["pixel"]["reference_dice"] == 1.0
+  obj = res["object"]
+  assert (obj["f1"], obj["dice"], obj["hausdorff"]) == (1.0, 1.0, 0.0)
+  assert (obj["tp"], obj["fp"], obj["fn"]) == (2, 0, 0)
+
+
+def test_empty_prediction():
+  # No segmented object: TP 0, FP 0, FN 2 -> F1 0; Dice 0; every G takes the diagonal.
+  st = metrics.object_stats(np.zeros((6, 6), np.int32), GT)
+  assert (st.tp, st.fp, st.fn) == (0, 0, 2)
+  assert st.f1 == 0.0 and st.dice == 0.0
+  assert st.hausdorff == pytest.approx(DIAG6 / 2)  # G side = diagonal, S side empty -> 0
+  assert metrics.object_hausdorff(np.zeros((6, 6), np.int32), GT, unmatched="inf") == math.inf
+  pm = metrics.pixel_metrics(metrics.confusion_matrix(np.zeros((6, 6), int), GT > 0))
+  assert pm["iou"][1] == 0.0 and pm["miou"] == pytest.approx((26 / 36) / 2)
+  assert math.isnan(pm["precision"]) and pm["recall"] == 0.0 and pm["dice"] == 0.0
+
+
+def test_empty_ground_truth():
+  # Three segmented objects and no gland: all FP; Dice 0; Hausdorff: S side = diagonal.
+  st = metrics.object_stats(metrics.label_instances(PRED), np.zeros((6, 6), np.int32))
+  assert (st.tp, st.fp, st.fn) == (0, 3, 0)
+  assert st.f1 == 0.0 and st.dice == 0.0
+  assert st.hausdorff == pytest.approx(DIAG6 / 2)
+
+
+def test_both_empty():
+  z = np.zeros((6, 6), np.int32)
+  st = metrics.object_stats(z, z)
+  assert (st.f1, st.dice, st.hausdorff) == (1.0, 1.0, 0.0)
+  pm = metrics.pixel_metrics(metrics.confusion_matrix(z, z))
+  assert math.isnan(pm["iou"][1]) and pm["miou"] == 1.0  # mean over the defined IoUs
+
+
+def test_fifty_percent_rule():
+  # G = one row of 4 pixels. A segment on exactly 2 of them is a TP (>= 50 %); on 2 of 5, a FP.
+  gt = np.zeros((3, 6), np.int32)
+  gt[1, 0:4] = 1
+  seg = np.zeros((3, 6), np.int32)
+  seg[1, 0:2] = 1
+  st = metrics.object_stats(seg, gt)
+  assert (st.tp, st.fp, st.fn) == (1, 0, 0)
+  gt[1, 4] = 1  # area 5: 2/5 < 1/2
+  st = metrics.object_stats(seg, gt)
+  assert (st.tp, st.fp, st.fn) == (0, 1, 1)
+  # A segment spanning two glands is matched to the one it overlaps most (ties: smallest id).
+  gt = np.zeros((3, 6), np.int32)
+  gt[1, 0:2], gt[1, 3:6] = 1, 2
+  seg = np.zeros((3, 6), np.int32)
+  seg[1, :] = 1
+  st = metrics.object_stats(seg, gt)
+  assert (st.tp, st.fp, st.fn) == (1, 0, 1)  # matched to G2 (3 pixels) fully covered; G1 missed
+  # S: Dice(G2, S) = 6/9; G side: G1 -> S (Dice 4/8), G2 -> S (6/9).
+  assert st.dice == pytest.approx(0.5 * (6 / 9 + (2 * 4 / 8 + 3 * 6 / 9) / 5))
+
+
+def test_split_pooling_sums_counts_and_areas():
+  # Split = [hand-worked image, same GT with an empty prediction]. F1 from summed counts:
+  # TP 1, FP 2, FN 1 + 2 = 3 -> 2/7. Dice pooled over areas: S side 58/105 (all S objects are in
+  # image 1); G side (6·4/5 + 4·1/3 + 0)/20 = 46/150.
+  res = metrics.evaluate_split([PRED, np.zeros_like(PRED)], [GT, GT], names=["a", "b"])
+  obj = res["object"]
+  assert (obj["tp"], obj["fp"], obj["fn"]) == (1, 2, 3)
+  assert obj["f1"] == pytest.approx(2 / 7)
+  assert obj["dice"] == pytest.approx(0.5 * (58 / 105 + 46 / 150))
+  assert obj["hausdorff"] == pytest.approx(0.5 * (S_HAUS + (10 * G_HAUS + 10 * DIAG6) / 20))
+  # Pixel metrics from one summed confusion matrix, not a mean of per-image values.
+  conf = np.array([[24, 2], [5, 5]]) + np.array([[26, 0], [10, 0]])
+  assert res["pixel"]["miou"] == pytest.approx(metrics.pixel_metrics(conf)["miou"])
+  assert res["pixel"]["miou"] != pytest.approx(np.mean([r["miou"] for r in res["per_image"]]))
+  rows = res["per_image"]
+  assert [r["name"] for r in rows] == ["a", "b"]
+  assert rows[0]["object_f1"] == pytest.approx(0.4) and rows[1]["object_f1"] == 0.0
+  assert rows[0]["miou"] == pytest.approx(443 / 744)
+  text = metrics.per_image_csv(rows)
+  lines = text.strip().split("\n")
+  assert lines[0].split(",") == list(metrics.PER_IMAGE_FIELDS)
+  assert lines[1].startswith("a,0.595430,") and len(lines) == 3
+
+
+def test_evaluate_split_errors_name_the_image():
+  with pytest.raises(ValueError, match="'b'.*0/1"):
+    metrics.evaluate_split([PRED, PRED * 255], [GT, GT], names=["a", "b"])
+  with pytest.raises(ValueError, match="same 2-D shape"):
+    metrics.evaluate_split([PRED[:5]], [GT])
+  with pytest.raises(ValueError, match="2 predictions but 1"):
+    metrics.evaluate_split([PRED, PRED], [GT])
+
+
+def test_write_per_image_csv(tmp_path):
+  res = metrics.evaluate_split([PRED], [GT], names=["x"])
+  out = tmp_path / "sub" / "per_image.csv"
+  metrics.write_per_image_csv(out, res["per_image"])
+  assert out.read_text().splitlines()[1].startswith("x,")
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-check against a slow reference built on scipy.spatial.distance.directed_hausdorff.
+# ---------------------------------------------------------------------------------------------
+
+
+def _slow_object_metrics(s: np.ndarray, g: np.ndarray) -> tuple[float, float]:
+  """Object Dice and Hausdorff by the challenge's formulas, object by object (no shortcuts)."""
+  s_ids = [i for i in np.unique(s) if i]
+  g_ids = [j for j in np.unique(g) if j]
+
+  def haus(a, b):
+    pa, pb = np.argwhere(a), np.argwhere(b)
+    return max(directed_hausdorff(pa, pb)[0], directed_hausdorff(pb, pa)[0])
+
+  def dice(a, b):
+    return 2 * np.sum(a & b) / (a.sum() + b.sum())
+
+  def best(mask, other, other_ids):
+    counts = [np.sum(mask & (other == k)) for k in other_ids]
+    return other_ids[int(np.argmax(counts))] if max(counts) > 0 else None
+
+  d_terms, h_terms = [], []
+  for mine, theirs, my_ids, their_ids in ((s, g, s_ids, g_ids), (g, s, g_ids, s_ids)):
+    total = (mine > 0).sum()
+    d_sum = h_sum = 0.0
+    for i in my_ids:
+      m = mine == i
+      k = best(m, theirs, their_ids)
+      if k is None:
+        h = min(haus(m, theirs == kk) for kk in their_ids)
+        d = 0.0
+      else:
+        h = haus(m, theirs == k)
+        d = dice(m, theirs == k)
+      d_sum += m.sum() / total * d
+      h_sum += m.sum() / total * h
+    d_terms.append(d_sum)
+    h_terms.append(h_sum)
+  return float(np.mean(d_terms)), float(np.mean(h_terms))
+
+
+def _random_instances(rng, shape, n):
+  yy, xx = np.mgrid[:shape[0], :shape[1]]
+  lab = np.zeros(shape, np.int32)
+  for k in range(1, n + 1):
+    cy, cx = rng.integers(0, shape[0]), rng.integers(0, shape[1])
+    ry, rx = rng.integers(3, 9), rng.integers(3, 9)
+    lab[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = k
+  return lab
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_object_dice_and_hausdorff_match_slow_reference(seed):
+  rng = np.random.default_rng(seed)
+  g = _random_instances(rng, (40, 50), 6)
+  # Prediction: a shifted copy of the odd-numbered glands (even ones may be missed) plus random
+  # blobs (some overlap nothing), so both partner-less S and partner-less G occur.
+  pred = np.roll(g % 2 == 1, (rng.integers(-3, 4), rng.integers(-3, 4)), (0, 1))
+  pred |= _random_instances(rng, (40, 50), 3) > 0
+  s = metrics.label_instances(pred)
+  if not s.any() or not g.any():
+    pytest.skip("degenerate draw")
+  st = metrics.object_stats(s, g)
+  assert 0 < st.tp < st.num_gt  # a mixed case: some matches, some misses
+  ref_dice, ref_haus = _slow_object_metrics(s, g)
+  assert st.dice == pytest.approx(ref_dice, rel=1e-9)
+  assert st.hausdorff == pytest.approx(ref_haus, rel=1e-9)
