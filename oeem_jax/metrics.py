@@ -479,10 +479,13 @@ def evaluate_split(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
   }
 
 
-def per_image_csv(rows: Sequence[dict[str, Any]]) -> str:
-  """CSV text (header `PER_IMAGE_FIELDS`) of `evaluate_split(...)["per_image"]` rows."""
+def per_image_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str] = PER_IMAGE_FIELDS) -> str:
+  """CSV text (header `fields`, default `PER_IMAGE_FIELDS`) of `evaluate_split(...)["per_image"]` rows.
+
+  Keys of a row that are not in `fields` are left out.
+  """
   buf = io.StringIO()
-  writer = csv.DictWriter(buf, fieldnames=PER_IMAGE_FIELDS, extrasaction="ignore",
+  writer = csv.DictWriter(buf, fieldnames=list(fields), extrasaction="ignore",
                           lineterminator="\n")
   writer.writeheader()
   for row in rows:
@@ -490,8 +493,9 @@ def per_image_csv(rows: Sequence[dict[str, Any]]) -> str:
   return buf.getvalue()
 
 
-def write_per_image_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> None:
-  """Writes `per_image_csv(rows)` to `path` atomically (temp name, then rename)."""
+def write_per_image_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]],
+                        fields: Sequence[str] = PER_IMAGE_FIELDS) -> None:
+  """Writes `per_image_csv(rows, fields)` to `path` atomically (temp name, then rename)."""
   from oeem_jax.io_utils import atomic_write_bytes
 
-  atomic_write_bytes(path, per_image_csv(rows).encode())
+  atomic_write_bytes(path, per_image_csv(rows, fields).encode())

@@ -1,0 +1,116 @@
+"""Tile grid, patch labels and stitching (oeem_jax.data.tiles)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from oeem_jax.data import tiles
+
+
+def test_tile_offsets_reference_examples():
+  np.testing.assert_array_equal(tiles.tile_offsets(522), [0, 56, 112, 168, 224, 280, 336, 392, 410])
+  np.testing.assert_array_equal(tiles.tile_offsets(775), list(range(0, 617, 56)) + [663])
+  np.testing.assert_array_equal(tiles.tile_offsets(224), [0, 56, 112])  # stride lands on the border
+  np.testing.assert_array_equal(tiles.tile_offsets(112), [0])
+  np.testing.assert_array_equal(tiles.tile_offsets(50), [0])  # shorter than a tile: one padded tile
+  np.testing.assert_array_equal(tiles.tile_offsets(10, tile=4, stride=3), [0, 3, 6])
+  np.testing.assert_array_equal(tiles.tile_offsets(11, tile=4, stride=3), [0, 3, 6, 7])
+  with pytest.raises(ValueError):
+    tiles.tile_offsets(0)
+
+
+def test_tile_boxes_775x522_gives_117():
+  boxes = tiles.tile_boxes(522, 775)
+  assert boxes.shape == (117, 2)
+  np.testing.assert_array_equal(boxes[0], [0, 0])
+  np.testing.assert_array_equal(boxes[12], [0, 663])  # row-major: 13 tiles along x
+  np.testing.assert_array_equal(boxes[13], [56, 0])
+  np.testing.assert_array_equal(boxes[-1], [410, 663])
+
+
+def test_extract_tiles_matches_slicing_and_pads():
+  rng = np.random.default_rng(0)
+  a = rng.integers(0, 255, (9, 11, 3), dtype=np.uint8)
+  t = tiles.extract_tiles(a, tile=4, stride=3)
+  boxes = tiles.tile_boxes(9, 11, 4, 3)
+  assert t.shape == (len(boxes), 4, 4, 3) and t.dtype == np.uint8
+  for k, (y, x) in enumerate(boxes):
+    np.testing.assert_array_equal(t[k], a[y:y + 4, x:x + 4])
+  # a side shorter than the tile: one tile at 0, padded bottom/right with pad_value
+  m = np.arange(6, dtype=np.int32).reshape(2, 3) + 1
+  t = tiles.extract_tiles(m, tile=4, stride=2, pad_value=-1)
+  assert t.shape == (1, 4, 4)
+  np.testing.assert_array_equal(t[0], [[1, 2, 3, -1], [4, 5, 6, -1], [-1] * 4, [-1] * 4])
+
+
+def test_patch_labels_threshold_is_strict():
+  # 10x10 tiles, threshold 5 %: a class needs more than 5 pixels.
+  t = np.zeros((5, 10, 10), np.uint8)
+  t[1].flat[:5] = 1    # 5 gland pixels: not > 5 %
+  t[2].flat[:6] = 3    # 6 pixels of instance 3: gland present
+  t[3].flat[:95] = 7   # 5 background pixels left: non-gland absent
+  t[4].flat[:94] = 1   # 6 background pixels: both
+  np.testing.assert_array_equal(tiles.patch_labels(t, 0.05), [[1, 0], [1, 0], [1, 1], [0, 1], [1, 1]])
+  assert tiles.patch_labels(t, 0.05).dtype == np.uint8
+  np.testing.assert_array_equal(tiles.patch_labels(t, 0.0)[1], [1, 1])
+
+
+def test_stitch_masks_majority_ties_to_non_gland():
+  # 2x2 tiles at stride 1 over a 2x3 image: columns covered by (A), (A, B), (B).
+  boxes = np.array([[0, 0], [0, 1]])
+  np.testing.assert_array_equal(tiles.stitch_masks(np.stack([np.ones((2, 2)), np.zeros((2, 2))]), boxes, 2, 3),
+                                [[1, 0, 0], [1, 0, 0]])
+  # three votes 2:1 -> gland
+  boxes = np.array([[0, 0], [0, 1], [0, 2]])
+  votes = np.stack([np.ones((2, 2)), np.ones((2, 2)), np.zeros((2, 2))])
+  np.testing.assert_array_equal(tiles.stitch_masks(votes, boxes, 2, 4), [[1, 1, 0, 0]] * 2)
+
+
+def test_stitch_scores_averages_overlaps():
+  boxes = np.array([[0, 0], [0, 1]])
+  s = np.stack([np.full((2, 2, 1), 1.0), np.full((2, 2, 1), 4.0)])
+  out = tiles.stitch_scores(s, boxes, 2, 3)
+  assert out.dtype == np.float32 and out.shape == (2, 3, 1)
+  np.testing.assert_allclose(out[..., 0], [[1.0, 2.5, 4.0]] * 2)
+  with pytest.raises(ValueError, match="cover"):
+    tiles.stitch_scores(s[:1], boxes[:1], 2, 3)
+
+
+def _reference_offsets(length: int) -> list[int]:
+  # REFERENCE.md §1 wording: 0, 56, ... up to L-112, plus L-112 when L % 56 != 0.
+  offs = list(range(0, length - 112 + 1, 56))
+  if length % 56 != 0:
+    offs.append(length - 112)
+  return offs
+
+
+@pytest.mark.parametrize("name", ["train_1", "train_41"])
+def test_real_patch_labels_match_plain_loop(glas_dir, name):
+  mask = np.array(Image.open(glas_dir / f"{name}_anno.png"))
+  h, w = mask.shape
+  expected = []
+  for y in _reference_offsets(h):
+    for x in _reference_offsets(w):
+      crop = mask[y:y + 112, x:x + 112]
+      gland = 0
+      for v in crop.ravel():  # slow on purpose: independent of the vectorised code
+        gland += int(v > 0)
+      frac = gland / crop.size
+      expected.append([int(1 - frac > 0.05), int(frac > 0.05)])
+  got = tiles.patch_labels(tiles.extract_tiles(mask), 0.05)
+  if (h, w) == (522, 775):
+    assert got.shape == (117, 2)
+  np.testing.assert_array_equal(got, np.array(expected, np.uint8))
+  assert got.sum(1).min() >= 1
+
+
+def test_real_stitch_round_trip_exact(glas_dir):
+  mask = np.array(Image.open(glas_dir / "train_36_anno.png"))  # 589x453
+  binary = (mask > 0).astype(np.uint8)
+  h, w = binary.shape
+  boxes = tiles.tile_boxes(h, w)
+  np.testing.assert_array_equal(tiles.stitch_masks(tiles.extract_tiles(binary), boxes, h, w), binary)
+  onehot = np.eye(2, dtype=np.float32)[binary]
+  np.testing.assert_array_equal(tiles.stitch_scores(tiles.extract_tiles(onehot), boxes, h, w), onehot)
