@@ -24,8 +24,15 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.get_absl_handler().use_absl_log_file = False
   from oeem_jax import stages  # import after flag parsing keeps --help fast
+  from oeem_jax.data.glas import GlasDataError
 
-  summary = stages.run_stage(_CONFIG.value, _WORKDIR.value)
+  try:
+    summary = stages.run_stage(_CONFIG.value, _WORKDIR.value)
+  except (GlasDataError, FileNotFoundError) as e:
+    # Bad input: one clear message instead of a traceback (nothing half-written was left).
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
   line = summary.get("final_line")
   if line:
     print(line)
