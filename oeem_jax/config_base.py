@@ -37,3 +37,106 @@ def get_base_config(stage: str) -> ml_collections.ConfigDict:
   c.data.synthetic_train = 12
   c.data.synthetic_test = 4
   return c
+
+
+# ---- training sections (stages cls and seg; see oeem_jax/train.py) ----------------------------------
+
+
+def add_model_config(c: ml_collections.ConfigDict, *, width: float = 1.0) -> ml_collections.ConfigDict:
+  """Adds `model`: network size and optional ImageNet initialisation.
+
+  Keys: width (channel multiplier; 1.0 = the paper's ResNet-38d, ~104 M parameters),
+  init_checkpoint (path to the reference's `res38d.pth`; "" = train from scratch. For the classifier
+  a checkpoint also freezes BN (running statistics, gamma/beta) and the stem `conv1a`, as the
+  reference does; needs the `[torch]` extra), dtype ("float32" or "bfloat16" compute).
+  """
+  c.model = ml_collections.ConfigDict()
+  c.model.width = width
+  c.model.init_checkpoint = ""
+  c.model.dtype = "float32"
+  return c
+
+
+def add_train_config(c: ml_collections.ConfigDict, *, steps: int, batch_size: int, lr: float,
+                     weight_decay: float, end_lr: float = 0.0, eval_every: int = 1000,
+                     log_every: int = 50) -> ml_collections.ConfigDict:
+  """Adds `train`: optimiser (SGD, PyTorch semantics), schedule, batch, logging, multi-host switch.
+
+  Keys: steps (total optimiser updates; 0 lets a stage derive it, e.g. cls from `cls.epochs`),
+  batch_size (global, over all devices and hosts; divisible by the device count), lr, end_lr (poly
+  floor), power (0.9), momentum (0.9), weight_decay (L2 added to the gradient), log_every,
+  eval_every (0 = only at the end), distributed ("auto" | "on" | "off": when to call
+  jax.distributed.initialize(), see train.setup_distributed).
+  """
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = steps
+  c.train.batch_size = batch_size
+  c.train.lr = lr
+  c.train.end_lr = end_lr
+  c.train.power = 0.9
+  c.train.momentum = 0.9
+  c.train.weight_decay = weight_decay
+  c.train.log_every = log_every
+  c.train.eval_every = eval_every
+  c.train.distributed = "auto"
+  return c
+
+
+def add_checkpoint_config(c: ml_collections.ConfigDict, *, every: int = 1000, keep: int = 2
+                          ) -> ml_collections.ConfigDict:
+  """Adds `checkpoint`: every (steps between saves; the last step is always saved), keep (periodic
+  checkpoints kept in WORKDIR/<stage>/checkpoints/<step>/; the best-by-validation one is kept apart in
+  WORKDIR/<stage>/best/<step>/), async_save (orbax background writes)."""
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = every
+  c.checkpoint.keep = keep
+  c.checkpoint.async_save = True
+  return c
+
+
+def add_cls_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Adds `cls` (classification stage; paper §2.3 / REFERENCE.md §2).
+
+  Keys: epochs (used when train.steps is 0: steps = epochs * floor(num_tiles / batch_size)),
+  input_size (tiles are resized to this; 224 in the paper), num_classes, b7_dilation (2 in the
+  reference classifier), eval_batch_size (tiles per forward pass at validation),
+  num_eval_images (validation CAMs written to TensorBoard).
+  """
+  c.cls = ml_collections.ConfigDict()
+  c.cls.epochs = 20
+  c.cls.input_size = 224
+  c.cls.num_classes = 2
+  c.cls.b7_dilation = 2
+  c.cls.eval_batch_size = 64
+  c.cls.num_eval_images = 3
+  return c
+
+
+def add_seg_config(c: ml_collections.ConfigDict, *, loss_kind: str = "oeem",
+                   mask_source: str = "pseudo") -> ml_collections.ConfigDict:
+  """Adds `seg` (segmentation stage; paper §2.2-2.3 / REFERENCE.md §4-5).
+
+  Keys: loss_kind (oeem_jax.losses kinds: "oeem", "ce", ...), loss_reference_compat (reproduce the
+  reference's handling of ignored pixels), aux_weight (0.4), mask_source ("pseudo": pseudo-mask PNGs
+  from `pseudo_dir`, default WORKDIR/cam/pseudo_masks; "true": the GlaS annotations, fully
+  supervised), pseudo_dir, crop_size (256), scale_min / scale_max (random rescale range),
+  photometric (photometric distortion on/off), num_classes, b7_dilation (4), eval_window /
+  eval_stride (sliding window of the single-scale validation), eval_batch_size, num_eval_images.
+  """
+  c.seg = ml_collections.ConfigDict()
+  c.seg.loss_kind = loss_kind
+  c.seg.loss_reference_compat = False
+  c.seg.aux_weight = 0.4
+  c.seg.mask_source = mask_source
+  c.seg.pseudo_dir = ""
+  c.seg.crop_size = 256
+  c.seg.scale_min = 0.75
+  c.seg.scale_max = 3.0
+  c.seg.photometric = True
+  c.seg.num_classes = 2
+  c.seg.b7_dilation = 4
+  c.seg.eval_window = 320
+  c.seg.eval_stride = 256
+  c.seg.eval_batch_size = 8
+  c.seg.num_eval_images = 3
+  return c

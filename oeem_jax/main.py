@@ -26,8 +26,15 @@ def main(argv):
   from oeem_jax import stages  # import after flag parsing keeps --help fast
   from oeem_jax.data.glas import GlasDataError
 
+  from oeem_jax import train
+
+  config = _CONFIG.value
+  # jax.distributed.initialize() must come before anything touches a device; a pipeline config
+  # carries the switch in its training stages' sections.
+  section = config.get("train") or config.get("stage_cls", {}).get("train") or {}
+  train.setup_distributed(section.get("distributed", "auto"))
   try:
-    summary = stages.run_stage(_CONFIG.value, _WORKDIR.value)
+    summary = stages.run_stage(config, _WORKDIR.value)
   except (GlasDataError, FileNotFoundError) as e:
     # Bad input: one clear message instead of a traceback (nothing half-written was left).
     logging.error("%s: %s", type(e).__name__, e)

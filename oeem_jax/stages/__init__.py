@@ -52,7 +52,28 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[st
       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
   summary.update(result)
-  io_utils.atomic_write_json(summary_path(workdir, stage), summary)
+  import jax
+
+  if jax.process_index() == 0:  # one writer on a shared filesystem
+    io_utils.atomic_write_json(summary_path(workdir, stage), summary)
   logging.info("stage %s done in %.1f s; summary: %s", stage, summary["wall_time_s"],
                summary_path(workdir, stage))
   return summary
+
+
+def training_config(train_stage_dir: str | Path,
+                    fallback: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """The config a training stage ran with (from its summary.json), so that a later stage rebuilds
+  exactly the network it trained (width, dilation, classes, dtype).
+
+  Falls back to `fallback` (the calling stage's own config, which carries `model` and the training
+  stage's section with the same defaults) when that summary does not exist.
+  """
+  import json
+
+  path = Path(train_stage_dir) / "summary.json"
+  if not path.is_file():
+    logging.warning("%s not found; building the network from this stage's own config", path)
+    return fallback
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f)["config"])

@@ -1,0 +1,46 @@
+r"""Stage `cam`: CAMs of the trained classifier -> pseudo-masks of the training images
+(paper Eq. 1-2, §2.3; REFERENCE.md §3).
+
+    python -m oeem_jax.main --config=configs/cam.py --config.data.dir=../shared/data/glas --workdir=W
+
+Reads the classifier from W/cls (best checkpoint by validation CAM mIoU; the network is rebuilt from
+W/cls/summary.json), writes W/cam/pseudo_masks/<name>.png (0/1) and previews (0/255), and reports
+the CAM and pseudo-mask mIoU on the training images (paper Table 2).
+
+Arg `cpu`: scales 1 and 1.5 only (5 sub-tiles per tile instead of 27); `demo`: single scale.
+"""
+
+import ml_collections
+
+from oeem_jax import config_base
+
+
+def add_cam_config(c):
+  c.cam = ml_collections.ConfigDict()
+  c.cam.cls_dir = ""               # "" = WORKDIR/cls
+  c.cam.checkpoint = "best"        # "best", "latest" or a step number
+  c.cam.scales = (1.0, 1.25, 1.5, 1.75, 2.0)
+  c.cam.batch_size = 8             # tiles per jitted call (27 sub-tiles each at the default scales)
+  c.cam.splits = "train,val"       # pseudo-masks for all training images
+  return c
+
+
+def get_config(arg: str | None = None):
+  c = config_base.get_base_config("cam")
+  # Fallbacks only: the network is rebuilt from the classifier run's own summary.json when present.
+  config_base.add_model_config(c, width=1.0)
+  config_base.add_cls_config(c)
+  add_cam_config(c)
+  if arg == "cpu":
+    c.model.width = 0.125
+    c.cls.input_size = 112
+    # 1 + 4 sub-tiles per tile instead of 27: the 5-scale CAM of the 85 training images takes ~50 min
+    # on 2 CPU cores, these two scales ~10 min.
+    c.cam.scales = (1.0, 1.5)
+  elif arg == "demo":
+    c.model.width = 0.125
+    c.cls.input_size = 112
+    c.cam.scales = (1.0,)
+  elif arg:
+    raise ValueError(f"configs/cam.py: unknown argument {arg!r}; expected nothing, 'cpu' or 'demo'")
+  return c

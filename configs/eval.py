@@ -1,0 +1,54 @@
+r"""Stage `eval`: multi-scale sliding-window prediction of the test images and their metrics
+(paper §2.3 inference; REFERENCE.md §6).
+
+    python -m oeem_jax.main --config=configs/eval.py --config.data.dir=../shared/data/glas --workdir=W
+
+Reads the segmenter from W/seg (best checkpoint by validation mIoU; the network is rebuilt from
+W/seg/summary.json; `--config.eval.seg_dir=OTHER/seg` to score another run), writes
+W/eval/predictions/<name>.png (0/255), overlays/, metrics.json and per_image.csv.
+
+Default = the paper: scales 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3 with horizontal flips, window 320 at
+stride 256. Arg `cpu`: scales 0.75, 1, 1.25 with flips (the CPU segmenter is trained on 112 crops);
+`demo`: single scale, no flip.
+"""
+
+import ml_collections
+
+from oeem_jax import config_base
+
+
+def add_eval_config(c):
+  c.eval = ml_collections.ConfigDict()
+  c.eval.seg_dir = ""              # "" = WORKDIR/seg
+  c.eval.checkpoint = "best"       # "best", "latest" or a step number
+  c.eval.splits = "test_a,test_b,test"
+  c.eval.scales = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+  c.eval.flip = True
+  c.eval.window = 320
+  c.eval.stride = 256
+  c.eval.batch_size = 8            # windows per jitted call
+  c.eval.overlays = True
+  return c
+
+
+def get_config(arg: str | None = None):
+  c = config_base.get_base_config("eval")
+  # Fallbacks only: the network is rebuilt from the segmenter run's own summary.json when present.
+  config_base.add_model_config(c, width=1.0)
+  config_base.add_seg_config(c)
+  add_eval_config(c)
+  if arg == "cpu":
+    c.model.width = 0.125
+    c.eval.scales = (0.75, 1.0, 1.25)
+    c.eval.window = 224
+    c.eval.stride = 192
+  elif arg == "demo":
+    c.model.width = 0.125
+    c.eval.scales = (1.0,)
+    c.eval.flip = False
+    c.eval.window = 112
+    c.eval.stride = 96
+    c.eval.batch_size = 4
+  elif arg:
+    raise ValueError(f"configs/eval.py: unknown argument {arg!r}; expected nothing, 'cpu' or 'demo'")
+  return c

@@ -1,0 +1,59 @@
+r"""The whole method in one workdir: cls -> cam -> seg (OEEM) -> eval.
+
+    python -m oeem_jax.main --config=configs/pipeline.py:demo --workdir=runs/demo     # synthetic, minutes
+    python -m oeem_jax.main --config=configs/pipeline.py:cpu --config.data.dir=../shared/data/glas --workdir=runs/cpu
+    python -m oeem_jax.main --config=configs/pipeline.py --config.data.dir=/path/to/glas --workdir=runs/paper
+
+Each stage's full config sits in `stage_cls`, `stage_cam`, `stage_seg`, `stage_eval` (built from
+configs/cls.py, cam.py, seg_oeem.py and eval.py with the same argument); `data` and `seed` at the top
+level are copied into every stage. Override a stage's key as `--config.stage_seg.train.steps=200`,
+the loss as `--config.stage_seg.seg.loss_kind=ce` (the "w/o OEEM" baseline).
+
+A stage whose WORKDIR/<stage>/summary.json exists is skipped, so an interrupted pipeline continues
+where it stopped (a training stage also resumes from its last checkpoint). Delete that summary.json
+to rerun a stage.
+
+Args: none = the paper's configuration (for accelerators); `cpu` = the CPU-sized run of every stage;
+`demo` = a tiny run on the synthetic default set (the README's main command).
+"""
+
+import importlib.util
+from pathlib import Path
+
+import ml_collections
+
+from oeem_jax import config_base
+
+
+def _load(name: str):
+  spec = importlib.util.spec_from_file_location(f"configs_{name}", Path(__file__).with_name(f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def get_config(arg: str | None = None):
+  if arg not in (None, "", "cpu", "demo"):
+    raise ValueError(f"configs/pipeline.py: unknown argument {arg!r}; expected nothing, 'cpu' or 'demo'")
+  train_arg = "cpu" if arg in ("cpu", "demo") else None
+  c = config_base.get_base_config("pipeline")
+  c.pipeline = ml_collections.ConfigDict()
+  c.pipeline.stages = "cls,cam,seg,eval"
+  c.stage_cls = _load("cls").get_config(train_arg)
+  c.stage_cam = _load("cam").get_config(arg or None)
+  c.stage_seg = _load("seg_oeem").get_config(train_arg)
+  c.stage_eval = _load("eval").get_config(arg or None)
+  if arg == "demo":
+    for s in (c.stage_cls, c.stage_seg):
+      s.train.log_every = 10
+      s.checkpoint.every = 0
+      s.checkpoint.async_save = False
+    c.stage_cls.train.steps = 60
+    c.stage_cls.train.batch_size = 8
+    c.stage_cls.train.eval_every = 0
+    c.stage_seg.train.steps = 60
+    c.stage_seg.train.batch_size = 4
+    c.stage_seg.train.eval_every = 0
+    c.stage_seg.seg.eval_window = 112
+    c.stage_seg.seg.eval_stride = 96
+  return c

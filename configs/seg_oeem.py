@@ -1,0 +1,47 @@
+r"""Stage `seg` with the OEEM loss on CAM pseudo-masks (the paper's method; paper §2.2-2.3,
+REFERENCE.md §4-5).
+
+    python -m oeem_jax.main --config=configs/seg_oeem.py --config.data.dir=../shared/data/glas --workdir=W
+    python -m oeem_jax.main --config=configs/seg_oeem.py:cpu ...   # CPU-sized run
+
+Needs the pseudo-masks of stage `cam` in W/cam/pseudo_masks (or `--config.seg.pseudo_dir=DIR`).
+Default = the paper: PSPNet on ResNet-38d (B7 dilation 4), 256 crops, batch 32 (the reference code
+uses 8 on one GPU: `--config.train.batch_size=8`), 10,000 steps, SGD lr 5e-3 poly(0.9) to 1e-4,
+momentum 0.9, weight decay 5e-4, auxiliary head weight 0.4. The reference initialises the backbone
+from ImageNet (`--config.model.init_checkpoint=/path/res38d.pth`).
+
+Variants share this file through `get_seg_config`: configs/seg_ce.py (plain cross-entropy) and
+configs/seg_full.py (true masks). Arg `cpu`: width 0.125, 112 crops, batch 8, 1,500 steps,
+evaluation every 500 steps with a 224/192 window.
+
+Note: all seg variants write to WORKDIR/seg; give each its own --workdir (a mismatching run found
+there is refused, not resumed).
+"""
+
+from oeem_jax import config_base
+
+
+def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str):
+  c = config_base.get_base_config("seg")
+  config_base.add_model_config(c, width=1.0)
+  config_base.add_train_config(c, steps=10_000, batch_size=32, lr=5e-3, weight_decay=5e-4,
+                               end_lr=1e-4, eval_every=1000, log_every=50)
+  config_base.add_checkpoint_config(c, every=1000, keep=2)
+  config_base.add_seg_config(c, loss_kind=loss_kind, mask_source=mask_source)
+  if arg == "cpu":
+    c.model.width = 0.125
+    c.seg.crop_size = 112
+    c.seg.eval_window = 224
+    c.seg.eval_stride = 192
+    c.train.batch_size = 8
+    c.train.steps = 1500
+    c.train.eval_every = 500
+    c.train.log_every = 20
+    c.checkpoint.every = 500
+  elif arg:
+    raise ValueError(f"seg configs: unknown argument {arg!r}; expected nothing or 'cpu'")
+  return c
+
+
+def get_config(arg: str | None = None):
+  return get_seg_config(arg, loss_kind="oeem", mask_source="pseudo")

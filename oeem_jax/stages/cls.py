@@ -1,0 +1,305 @@
+"""Stage `cls`: train the patch classifier (paper §2.1 and §2.3, REFERENCE.md §2).
+
+    python -m oeem_jax.main --config=configs/cls.py[:cpu] --config.data.dir=../shared/data/glas --workdir=W
+
+Data: the 112×112 tiles (stride 56) of the training images (the validation images carved out of
+GlaS train are held back) with their multi-hot patch labels [non-gland, gland] from the true masks
+(`oeem_jax.data.tiles`), streamed by `oeem_jax.data.pipeline.cls_dataset` (random resized crop to
+`cls.input_size`, flips, GlaS normalisation). Loss: BCE with logits (`oeem_jax.losses.bce_with_logits`).
+
+Model: `CAMClassifier` (ResNet-38d, B7 dilation 2). From scratch, BatchNorm trains (batch statistics,
+synchronised over the global batch). With `model.init_checkpoint` (the reference's ImageNet
+`res38d.pth`) the backbone is loaded non-strictly and, as in the reference, every BN runs on its
+running statistics with gamma/beta frozen and the stem `conv1a` is frozen (optimizer mask).
+
+Validation every `train.eval_every` steps and at the end, on the validation images only (never
+test): tile-label F1 (sigmoid > 0.5 against the true patch labels) and CAM mIoU (single-scale CAM of
+each tile at `cls.input_size`, upsampled to 112, argmax restricted to the tile's true patch label,
+tiles stitched by majority vote (`tiles.stitch_masks`), one confusion matrix over all validation
+images). The best checkpoint by `cam_miou` is kept in WORKDIR/cls/best/; periodic ones in
+WORKDIR/cls/checkpoints/. TensorBoard (WORKDIR/cls/tensorboard) gets training scalars, the
+validation metrics and, per evaluation, panels [image | true mask | CAM gland score | CAM mask] of a
+few validation images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from oeem_jax import losses, metrics, train
+from oeem_jax.data import tiles as tiles_lib
+from oeem_jax.pseudo_mask import label_masked_argmax
+
+TILE = 112
+
+
+def uses_pretrained(config: ml_collections.ConfigDict) -> bool:
+  """True when `model.init_checkpoint` names ImageNet weights (BN and stem are then frozen)."""
+  return bool(config.model.get("init_checkpoint", ""))
+
+
+def make_model(config: ml_collections.ConfigDict, *, bn_frozen: bool | None = None):
+  """The stage's `CAMClassifier` from `config.model` / `config.cls` (defaults when `cls` is absent).
+
+  `bn_frozen` defaults to `uses_pretrained(config)`.
+  """
+  from oeem_jax.models import CAMClassifier
+  cls_cfg = config.get("cls", ml_collections.ConfigDict())
+  return CAMClassifier(width=float(config.model.width), num_classes=int(cls_cfg.get("num_classes", 2)),
+                       b7_dilation=int(cls_cfg.get("b7_dilation", 2)),
+                       bn_frozen=uses_pretrained(config) if bn_frozen is None else bn_frozen,
+                       dtype=jnp.dtype(config.model.get("dtype", "float32")))
+
+
+def build_tiles(examples: Sequence[Any], data_cfg) -> tuple[np.ndarray, np.ndarray]:
+  """Tiles and patch labels of `examples` (REFERENCE.md §1).
+
+  Args:
+    examples: `oeem_jax.data.glas.Example`s (image uint8[H, W, 3], mask uint8[H, W] instance ids).
+    data_cfg: `config.data` (tile_size, tile_stride, label_threshold).
+
+  Returns:
+    (tiles uint8[T, t, t, 3], labels uint8[T, 2]) concatenated over the examples in order.
+
+  Raises:
+    ValueError: no examples.
+  """
+  if not examples:
+    raise ValueError("cls: no training images (config key data.dir / data.val_count)")
+  size, stride = int(data_cfg.tile_size), int(data_cfg.tile_stride)
+  tiles, labels = [], []
+  for ex in examples:
+    tiles.append(tiles_lib.extract_tiles(ex.image, size, stride))
+    labels.append(tiles_lib.patch_labels(tiles_lib.extract_tiles(ex.mask, size, stride),
+                                         float(data_cfg.label_threshold)))
+  return np.concatenate(tiles), np.concatenate(labels)
+
+
+def _colour_mask(mask: np.ndarray) -> np.ndarray:
+  """uint8[H, W] 0/1 -> uint8[H, W, 3] (gland white, background black)."""
+  return np.repeat((mask > 0).astype(np.uint8)[..., None] * 255, 3, axis=-1)
+
+
+def _heat(score: np.ndarray) -> np.ndarray:
+  """float[H, W] in [0, 1] -> uint8[H, W, 3] (blue = 0 ... red = 1)."""
+  s = np.clip(score, 0.0, 1.0)
+  return (np.stack([s, 0.2 * np.ones_like(s), 1.0 - s], axis=-1) * 255).astype(np.uint8)
+
+
+def panel(*parts: np.ndarray, scale: int = 2) -> np.ndarray:
+  """Side-by-side uint8[H, W, 3] images, subsampled by `scale` -> uint8[1, H/scale, k*W/scale, 3]."""
+  return np.concatenate([p[::scale, ::scale] for p in parts], axis=1)[None]
+
+
+class Validator:
+  """Tile-label F1 and single-scale CAM mIoU on the validation images (module docstring).
+
+  Args:
+    model: the classifier (its `cam` method is used, eval mode).
+    examples: validation `Example`s.
+    data_cfg: `config.data` (tile grid, label threshold).
+    input_size: network input side (tiles are resized from 112 bilinearly, then normalised).
+    batch_size: tiles per jitted call (rounded up to a multiple of the device count).
+    mesh: device mesh; tiles are sharded over its "data" axis.
+    num_images: validation images rendered for TensorBoard.
+  """
+
+  def __init__(self, model, examples, data_cfg, *, input_size: int, batch_size: int, mesh,
+               num_images: int = 3):
+    from oeem_jax.data.pipeline import normalize_cls
+    self.examples = list(examples)
+    self.size, self.stride = int(data_cfg.tile_size), int(data_cfg.tile_stride)
+    self.tiles, self.labels, self.counts = [], [], []
+    for ex in self.examples:
+      t = tiles_lib.extract_tiles(ex.image, self.size, self.stride)
+      self.tiles.append(t)
+      self.labels.append(tiles_lib.patch_labels(tiles_lib.extract_tiles(ex.mask, self.size, self.stride),
+                                                float(data_cfg.label_threshold)))
+      self.counts.append(len(t))
+    self.mesh = mesh
+    self.batch = -(-int(batch_size) // mesh.size) * mesh.size
+    self.num_images = num_images
+    size = self.size
+
+    def cam_fn(variables, tiles, labels):
+      x = normalize_cls(tiles.astype(jnp.float32))
+      n = x.shape[0]
+      if input_size != size:
+        x = jax.image.resize(x, (n, input_size, input_size, 3), "bilinear", antialias=False)
+      cam = model.apply(variables, x, method=model.cam).astype(jnp.float32)
+      logits = cam.mean(axis=(1, 2))  # the linear head commutes with global average pooling
+      cam = jax.image.resize(cam, (n, size, size, cam.shape[-1]), "bilinear", antialias=False)
+      masks = label_masked_argmax(cam, labels)
+      gland_score = jax.nn.sigmoid(cam[..., 1] - cam[..., 0])
+      return logits, masks, gland_score
+
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._fn = jax.jit(cam_fn, out_shardings=replicated)
+
+  def _run(self, variables, tiles: np.ndarray, labels: np.ndarray):
+    outs = []
+    for start in range(0, len(tiles), self.batch):
+      t = tiles[start:start + self.batch]
+      lab = labels[start:start + self.batch]
+      k = len(t)
+      if k < self.batch:
+        t = np.concatenate([t, np.zeros((self.batch - k,) + t.shape[1:], t.dtype)])
+        lab = np.concatenate([lab, np.zeros((self.batch - k,) + lab.shape[1:], lab.dtype)])
+      out = self._fn(variables, train.shard_global(t, self.mesh), train.shard_global(lab, self.mesh))
+      outs.append((k, out))
+    return [np.concatenate([np.asarray(o[i])[:k] for k, o in outs]) for i in range(3)]
+
+  def __call__(self, variables, step: int) -> train.EvalResult:
+    conf = np.zeros((2, 2), np.int64)
+    tp = fp = fn = 0
+    tp_g = fp_g = fn_g = 0
+    images = {}
+    for idx, ex in enumerate(self.examples):
+      logits, masks, score = self._run(variables, self.tiles[idx], self.labels[idx])
+      pred = (logits > 0).astype(np.uint8)  # sigmoid(logit) > 0.5
+      true = self.labels[idx]
+      tp += int(np.sum(pred & true))
+      fp += int(np.sum(pred & (1 - true)))
+      fn += int(np.sum((1 - pred) & true))
+      tp_g += int(np.sum(pred[:, 1] & true[:, 1]))
+      fp_g += int(np.sum(pred[:, 1] & (1 - true[:, 1])))
+      fn_g += int(np.sum((1 - pred[:, 1]) & true[:, 1]))
+      h, w = ex.image.shape[:2]
+      boxes = tiles_lib.tile_boxes(h, w, self.size, self.stride)
+      mask = tiles_lib.stitch_masks(masks, boxes, h, w)
+      conf += metrics.confusion_matrix(mask, (ex.mask > 0).astype(np.uint8))
+      if idx < self.num_images:
+        heat = tiles_lib.stitch_scores(score[..., None], boxes, h, w)[..., 0]
+        images[f"val_{idx}_{ex.name}"] = panel(ex.image, _colour_mask(ex.mask), _heat(heat),
+                                               _colour_mask(mask))
+    pix = metrics.pixel_metrics(conf)
+
+    def f1(tp, fp, fn):
+      return 2 * tp / (2 * tp + fp + fn) if (2 * tp + fp + fn) else float("nan")
+
+    return train.EvalResult(
+        metrics={"cam_miou": pix["miou"], "cam_iou_gland": pix["iou"][1],
+                 "cam_iou_background": pix["iou"][0], "tile_f1": f1(tp, fp, fn),
+                 "tile_f1_gland": f1(tp_g, fp_g, fn_g)},
+        images=images)
+
+
+def make_loss_fn(model):
+  """(params, batch_stats, batch, rng) -> (loss, (batch_stats, metrics)) for `train.train_loop`.
+
+  batch: {"image": float32[B, S, S, 3] normalised tiles, "label": float32[B, 2] multi-hot}. Loss:
+  `losses.bce_with_logits` (mean over B x 2, REFERENCE.md §2). With a BN-frozen model the running
+  statistics come back unchanged.
+  """
+  def loss_fn(params, batch_stats, batch, rng):
+    logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, batch["image"],
+                                  train=True, mutable=["batch_stats"], rngs={"dropout": rng})
+    loss = losses.bce_with_logits(logits, batch["label"])
+    acc = jnp.mean(((logits > 0) == (batch["label"] > 0.5)).astype(jnp.float32))
+    return loss, (updates.get("batch_stats", batch_stats), {"label_acc": acc})
+
+  return loss_fn
+
+
+def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
+  """Trains the classifier (module docstring); returns the summary fields of `train.train_loop`
+  plus data counts and the final summary line.
+
+  Raises:
+    ValueError: bad config values (e.g. batch not divisible by the devices).
+    FileNotFoundError: `model.init_checkpoint` does not exist.
+    train.NonFiniteLossError, train.Preempted: see `train.train_loop`.
+  """
+  train.setup_distributed(config.train.distributed)
+  from oeem_jax.data import glas, pipeline
+
+  data = glas.load_splits(config.data)
+  tiles, labels = build_tiles(data.splits["train"], config.data)
+  batch = int(config.train.batch_size)
+  steps = int(config.train.steps) or int(config.cls.epochs) * (len(tiles) // batch)
+  if steps <= 0:
+    raise ValueError(f"cls: train.steps is 0 and cls.epochs * floor({len(tiles)} tiles / batch "
+                     f"{batch}) is 0; set train.steps")
+  logging.info("cls: %d training tiles from %d images (gland in %.0f %%, non-gland in %.0f %%), "
+               "%d validation images; %d steps of batch %d (%.2f epochs)", len(tiles),
+               len(data.splits["train"]), 100 * labels[:, 1].mean(), 100 * labels[:, 0].mean(),
+               len(data.splits["val"]), steps, batch, steps * batch / len(tiles))
+
+  pretrained = uses_pretrained(config)
+  model = make_model(config)
+  input_size = int(config.cls.input_size)
+
+  def init_variables(rng):
+    return model.init({"params": rng, "dropout": rng}, jnp.zeros((1, input_size, input_size, 3)),
+                      train=False)
+
+  mask = None
+  load = None  # pretrained-weights hook for train_loop
+  if pretrained:
+    from oeem_jax.models import trainable_mask
+    path = Path(config.model.init_checkpoint).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f"config key model.init_checkpoint: {path} does not exist")
+    abstract = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
+    mask = trainable_mask(abstract["params"], freeze_stem=True, freeze_bn=True)
+
+    def load_weights(variables):
+      from oeem_jax.models.import_torch import load_res38d
+      new, report = load_res38d(path, variables)
+      logging.info("cls: loaded %d tensors from %s (missing %d, unexpected %d)", len(report["used"]),
+                   path, len(report["missing"]), len(report["unexpected"]))
+      return new
+
+    load = load_weights
+
+  tx, schedule = train.optimizer_from_config(config.train, steps, trainable_mask=mask)
+
+  loss_fn = make_loss_fn(model)
+
+  def make_iterator(start_step):
+    ds = pipeline.cls_dataset(tiles, labels, input_size=input_size, global_batch_size=batch,
+                              seed=int(config.seed), start_step=start_step,
+                              process_index=jax.process_index(), process_count=jax.process_count())
+    # Finite: nothing is left in flight when training ends (tearing down a busy tf.data pipeline
+    # can take tens of seconds).
+    return ds.take(max(steps - start_step, 0)).as_numpy_iterator()
+
+  mesh = train.make_mesh()
+  validator = None
+  if data.splits["val"]:
+    validator = Validator(model, data.splits["val"], config.data, input_size=input_size,
+                          batch_size=int(config.cls.eval_batch_size), mesh=mesh,
+                          num_images=int(config.cls.num_eval_images))
+  else:
+    logging.warning("cls: no validation images (data.val_count = 0): no evaluation, no best checkpoint")
+
+  result = train.train_loop(
+      stage_dir=stage_dir, init_variables=init_variables, pretrained=load, loss_fn=loss_fn,
+      make_iterator=make_iterator, tx=tx, schedule=schedule, total_steps=steps, seed=int(config.seed),
+      checkpoint_every=int(config.checkpoint.every), keep=int(config.checkpoint.keep),
+      log_every=int(config.train.log_every), eval_fn=validator,
+      eval_every=int(config.train.eval_every), best_metric="cam_miou" if validator else None,
+      async_checkpoint=bool(config.checkpoint.async_save), mesh=mesh, name="cls",
+      run_identity=train.run_identity(config, ("cls", "model", "data")))
+  best = result["best_eval"]
+  fe = result["final_eval"]
+  line = f"cls: {result['steps']} steps, final train loss {result['final_train'].get('loss', float('nan')):.4f}"
+  if fe:
+    line += (f"; val CAM mIoU {100 * fe['cam_miou']:.2f} (best {100 * best['cam_miou']:.2f} at step "
+             f"{best['step']}), tile F1 {100 * fe['tile_f1']:.2f}")
+  result.update({
+      "num_train_tiles": int(len(tiles)),
+      "num_train_images": len(data.splits["train"]),
+      "val_names": data.val_names,
+      "synthetic_data": data.synthetic,
+      "pretrained": pretrained,
+      "final_line": line,
+  })
+  return result

@@ -1,0 +1,160 @@
+"""Stage `eval`: predict the test images with the trained segmenter and score them.
+
+Restores the segmenter checkpoint (orbax; `eval.checkpoint`, default the best by validation mIoU)
+from `eval.seg_dir` (default WORKDIR/seg), predicts every image of `eval.splits` with multi-scale ×
+flip sliding-window inference (REFERENCE.md §6, `oeem_jax.inference.predict_probs`) and writes, in
+WORKDIR/eval/:
+
+* `predictions/<name>.png`: the predicted gland mask, 0 = non-gland, 255 = gland;
+* `overlays/<name>.png`: the image with the gland contours of the prediction (green) and of the
+  ground truth (blue);
+* `metrics.json`: pixel metrics (one dataset-wide confusion matrix) and GlaS object metrics for
+  every split in `eval.splits` (default test, test_a, test_b; `oeem_jax.metrics.evaluate_split`);
+* `per_image.csv`: one row per image with its split.
+
+The network is jitted once for a fixed window batch, so the number of compiles does not grow with
+the number of images, their sizes or the scales.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from oeem_jax import inference, io_utils, metrics
+
+# Contour colours on the overlays (RGB).
+PRED_COLOUR = (0, 255, 0)
+TRUE_COLOUR = (0, 64, 255)
+
+
+def overlay_contours(image: np.ndarray, pred: np.ndarray, gt_instances: np.ndarray) -> np.ndarray:
+  """Draws gland contours of a prediction and of the ground truth on an image.
+
+  Args:
+    image: uint8[H, W, 3] RGB.
+    pred: uint8/bool[H, W] binary prediction (1 = gland).
+    gt_instances: int[H, W] ground-truth instance ids (0 = background).
+
+  Returns:
+    uint8[H, W, 3]: prediction boundaries in `PRED_COLOUR`, ground-truth instance boundaries in
+    `TRUE_COLOUR` (drawn last, so they win where both meet).
+  """
+  from skimage.segmentation import find_boundaries
+
+  out = np.array(image, dtype=np.uint8, copy=True)
+  out[find_boundaries(metrics.label_instances(pred > 0), mode="inner")] = PRED_COLOUR
+  out[find_boundaries(np.asarray(gt_instances), mode="inner")] = TRUE_COLOUR
+  return out
+
+
+def make_apply_fn(model, variables: dict[str, Any]):
+  """Returns a jitted `float32[B, h, w, 3] -> float32[B, h, w, C]` logits function (eval mode).
+
+  The variables are closed over as device arrays; jit caches one executable per input shape, and
+  `inference` only ever feeds one shape.
+  """
+  variables = jax.device_put(variables)
+
+  @jax.jit
+  def apply(x):
+    logits, _ = model.apply(variables, x, train=False)
+    return logits.astype(jnp.float32)
+
+  return lambda x: np.asarray(apply(jnp.asarray(x)))
+
+
+def predict_split(apply_fn, examples, eval_cfg, out_dir: Path, normalize) -> dict[str, np.ndarray]:
+  """Predicts every example; writes predictions/ and overlays/; returns name -> uint8[H, W] 0/1."""
+  preds = {}
+  scales = tuple(float(s) for s in eval_cfg.scales)
+  for k, ex in enumerate(examples):
+    probs = inference.predict_probs(
+        apply_fn, ex.image, normalize=normalize, scales=scales, flip=bool(eval_cfg.flip),
+        window=int(eval_cfg.window), stride=int(eval_cfg.stride), batch_size=int(eval_cfg.batch_size))
+    pred = np.argmax(probs, axis=-1).astype(np.uint8)
+    preds[ex.name] = pred
+    io_utils.atomic_write_png(out_dir / "predictions" / f"{ex.name}.png", pred * np.uint8(255))
+    if eval_cfg.overlays:
+      io_utils.atomic_write_png(out_dir / "overlays" / f"{ex.name}.png",
+                                overlay_contours(ex.image, pred, ex.mask))
+    logging.log_every_n_seconds(logging.INFO, "eval: %d/%d images (%s)", 20, k + 1, len(examples),
+                                ex.name)
+  return preds
+
+
+def headline(results: dict[str, Any], *, synthetic: bool) -> str:
+  """One short table (text) of the main metrics per split, for the end of a run."""
+  lines = []
+  if synthetic:
+    lines.append("SYNTHETIC DATA: these numbers say nothing about GlaS accuracy.")
+  lines.append(f"{'split':8s} {'mIoU':>7s} {'Dice':>7s} {'F1':>7s} {'objF1':>7s} {'objDice':>7s} "
+               f"{'objHaus':>8s}")
+  for split, r in results.items():
+    p, o = r["pixel"], r["object"]
+    lines.append(f"{split:8s} {100 * p['miou']:7.2f} {100 * p['dice']:7.2f} {100 * p['f1']:7.2f} "
+                 f"{100 * o['f1']:7.2f} {100 * o['dice']:7.2f} {o['hausdorff']:8.2f}")
+  return "\n".join(lines)
+
+
+def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
+  """Runs the eval stage (see the module docstring); returns the summary fields.
+
+  Raises:
+    FileNotFoundError: no segmenter checkpoint in `eval.seg_dir`.
+    ValueError: an unknown split name in `eval.splits`.
+  """
+  from oeem_jax import train
+  from oeem_jax.data import glas
+  from oeem_jax.data.pipeline import normalize_seg
+  from oeem_jax.stages import seg as seg_stage
+
+  eval_cfg = config.eval
+  seg_dir = Path(eval_cfg.seg_dir) if eval_cfg.seg_dir else stage_dir.parent / "seg"
+  variables, step = train.load_variables(seg_dir, eval_cfg.checkpoint)
+  logging.info("eval: restored %s checkpoint of step %d from %s", eval_cfg.checkpoint, step, seg_dir)
+  from oeem_jax.stages import training_config
+  model = seg_stage.make_model(training_config(seg_dir, config))
+  apply_fn = make_apply_fn(model, variables)
+
+  data = glas.load_splits(config.data)
+  splits = [s.strip() for s in str(eval_cfg.splits).split(",") if s.strip()]
+  for s in splits:
+    if s not in data.splits:
+      raise ValueError(f"config key 'eval.splits': unknown split {s!r}; expected names from "
+                       f"{sorted(data.splits)}")
+  # Predict each image once, even when it belongs to several reported splits (test = a + b).
+  wanted = {}
+  for s in splits:
+    for ex in data.splits[s]:
+      wanted.setdefault(ex.name, ex)
+  preds = predict_split(apply_fn, list(wanted.values()), eval_cfg, stage_dir, normalize_seg)
+
+  results, rows = {}, {}
+  for s in splits:
+    exs = data.splits[s]
+    r = metrics.evaluate_split([preds[e.name] for e in exs], [e.mask for e in exs],
+                               [e.name for e in exs])
+    for row in r.pop("per_image"):
+      rows.setdefault(row["name"], {"split": s, **row})  # an image's first (narrowest) split
+    results[s] = r
+  io_utils.atomic_write_json(stage_dir / "metrics.json", {
+      "synthetic": data.synthetic, "source": data.source, "checkpoint_step": step,
+      "checkpoint_dir": str(seg_dir), "splits": results})
+  metrics.write_per_image_csv(stage_dir / "per_image.csv", list(rows.values()),
+                              fields=("split",) + metrics.PER_IMAGE_FIELDS)
+  table = headline(results, synthetic=data.synthetic)
+  logging.info("eval results:\n%s", table)
+  return {
+      "synthetic": data.synthetic,
+      "checkpoint_step": step,
+      "metrics": results,
+      "predictions_dir": str(stage_dir / "predictions"),
+      "final_line": f"{table}\npredictions: {stage_dir / 'predictions'}",
+  }

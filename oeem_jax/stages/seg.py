@@ -1,0 +1,281 @@
+"""Stage `seg`: train the PSPNet segmenter on pseudo-masks (OEEM) or true masks (paper §2.2-2.3,
+REFERENCE.md §4-5).
+
+    python -m oeem_jax.main --config=configs/seg_oeem.py[:cpu] --config.data.dir=../shared/data/glas --workdir=W
+    (configs/seg_ce.py: plain cross-entropy baseline; configs/seg_full.py: true masks, fully supervised)
+
+Data: the training images (validation images carved out of GlaS train are held back) with masks from
+`seg.mask_source`:
+  * "pseudo": palette/grey PNGs `<name>.png` (values 0/1, 255 = ignore) in `seg.pseudo_dir`, default
+    WORKDIR/cam/pseudo_masks (written by stage `cam`);
+  * "true": the GlaS annotations (instance ids > 0 -> gland 1): the fully supervised upper bound.
+Crops come from `oeem_jax.data.pipeline.seg_dataset` (random rescale in [scale_min, scale_max], random
+crop `seg.crop_size`, horizontal flip, photometric distortion, ImageNet normalisation, padding
+labelled 255).
+
+Loss: `losses.segmentation_loss(logits, mask, kind=seg.loss_kind)` on the decode head plus
+`seg.aux_weight` (0.4) times the same loss on the auxiliary head, both at crop resolution.
+BN trains with batch statistics over the global batch. `model.init_checkpoint` loads the ImageNet
+ResNet-38d backbone (non-strict, nothing frozen), as the reference does.
+
+Validation every `train.eval_every` steps and at the end: single-scale whole-image sliding-window
+prediction (`inference.sliding_window_logits`, window/stride `seg.eval_window`/`seg.eval_stride`) of
+the validation images, one confusion matrix -> `miou` (+ gland IoU, Dice). The best checkpoint by
+`miou` is kept in WORKDIR/seg/best/ (what stage `eval` restores by default); TensorBoard gets panels
+[image | true mask | prediction] of a few validation images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from oeem_jax import inference, losses, metrics, train
+
+MASK_SOURCES = ("pseudo", "true")
+
+
+def make_model(config: ml_collections.ConfigDict):
+  """The stage's `PSPNet` from `config.model` / `config.seg` (defaults when `seg` is absent)."""
+  from oeem_jax.models import PSPNet
+  seg_cfg = config.get("seg", ml_collections.ConfigDict())
+  return PSPNet(width=float(config.model.width), num_classes=int(seg_cfg.get("num_classes", 2)),
+                b7_dilation=int(seg_cfg.get("b7_dilation", 4)),
+                dtype=jnp.dtype(config.model.get("dtype", "float32")))
+
+
+def pseudo_dir(config: ml_collections.ConfigDict, stage_dir: Path) -> Path:
+  """Folder of the pseudo-masks: `seg.pseudo_dir`, default WORKDIR/cam/pseudo_masks."""
+  return Path(config.seg.pseudo_dir).expanduser() if config.seg.pseudo_dir else \
+      Path(stage_dir).parent / "cam" / "pseudo_masks"
+
+
+def read_pseudo_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
+  """Reads a pseudo-mask PNG (palette or greyscale, values 0/1, 255 = ignore) -> uint8[H, W].
+
+  Raises:
+    FileNotFoundError: missing file (message says how to make it).
+    ValueError: wrong size, or values other than 0, 1, 255.
+  """
+  from PIL import Image
+  if not path.is_file():
+    raise FileNotFoundError(
+        f"pseudo-mask {path} not found: run stage cam first (configs/cam.py, same --workdir), set "
+        "config key seg.pseudo_dir to the folder of <name>.png masks, or use seg.mask_source='true'")
+  with Image.open(path) as im:
+    mask = np.asarray(im.convert("L") if im.mode not in ("P", "L") else im)
+  if mask.shape != tuple(shape):
+    raise ValueError(f"pseudo-mask {path} is {mask.shape[1]}x{mask.shape[0]} (WxH), the image is "
+                     f"{shape[1]}x{shape[0]}")
+  bad = (mask != 0) & (mask != 1) & (mask != 255)
+  if bad.any():
+    raise ValueError(f"pseudo-mask {path} holds values {[int(v) for v in np.unique(mask[bad])[:5]]}; expected "
+                     "0 (non-gland), 1 (gland) or 255 (ignore)")
+  return mask.astype(np.uint8)
+
+
+def training_masks(config: ml_collections.ConfigDict, stage_dir: Path, examples: Sequence[Any]
+                   ) -> list[np.ndarray]:
+  """uint8[H, W] class masks (0/1, 255 ignore) of `examples` from `seg.mask_source`.
+
+  Raises:
+    ValueError: unknown `seg.mask_source`; see also `read_pseudo_mask`.
+  """
+  source = config.seg.mask_source
+  if source == "true":
+    return [(ex.mask > 0).astype(np.uint8) for ex in examples]
+  if source == "pseudo":
+    folder = pseudo_dir(config, stage_dir)
+    return [read_pseudo_mask(folder / f"{ex.name}.png", ex.image.shape[:2]) for ex in examples]
+  raise ValueError(f"config key seg.mask_source is {source!r}; expected one of {MASK_SOURCES}")
+
+
+def _masks_digest(masks: Sequence[np.ndarray]) -> str:
+  import hashlib
+  h = hashlib.sha256()
+  for m in masks:
+    h.update(str(m.shape).encode())
+    h.update(np.ascontiguousarray(m).tobytes())
+  return h.hexdigest()
+
+
+def _colour(mask: np.ndarray) -> np.ndarray:
+  return np.repeat((mask == 1).astype(np.uint8)[..., None] * 255, 3, axis=-1)
+
+
+class Validator:
+  """Single-scale whole-image mIoU on the validation images (module docstring).
+
+  Args:
+    model: the segmenter.
+    examples: validation `Example`s (uint8 images, instance-id masks).
+    window, stride: sliding window (pixels).
+    batch_size: windows per jitted call (rounded up to a multiple of the device count).
+    mesh: device mesh (windows sharded over "data").
+    num_images: validation images rendered for TensorBoard.
+  """
+
+  def __init__(self, model, examples, *, window: int, stride: int, batch_size: int, mesh,
+               num_images: int = 3):
+    from oeem_jax.data.pipeline import normalize_seg
+    self.examples = list(examples)
+    self.inputs = [np.asarray(normalize_seg(ex.image), np.float32) for ex in self.examples]
+    self.window, self.stride = int(window), int(stride)
+    self.batch = -(-int(batch_size) // mesh.size) * mesh.size
+    self.mesh = mesh
+    self.num_images = num_images
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    self._fn = jax.jit(lambda v, x: model.apply(v, x, train=False)[0], out_shardings=replicated)
+
+  def __call__(self, variables, step: int) -> train.EvalResult:
+    def apply_fn(x):
+      return np.asarray(self._fn(variables, train.shard_global(x, self.mesh)))
+
+    conf = np.zeros((2, 2), np.int64)
+    images = {}
+    for idx, (ex, x) in enumerate(zip(self.examples, self.inputs)):
+      logits = inference.sliding_window_logits(apply_fn, x, window=self.window, stride=self.stride,
+                                               batch_size=self.batch)
+      pred = np.argmax(logits, axis=-1).astype(np.uint8)
+      conf += metrics.confusion_matrix(pred, (ex.mask > 0).astype(np.uint8))
+      if idx < self.num_images:
+        images[f"val_{idx}_{ex.name}"] = np.concatenate(
+            [p[::2, ::2] for p in (ex.image, _colour(ex.mask > 0), _colour(pred))], axis=1)[None]
+    pix = metrics.pixel_metrics(conf)
+    return train.EvalResult(metrics={"miou": pix["miou"], "iou_gland": pix["iou"][1],
+                                     "iou_background": pix["iou"][0], "dice": pix["dice"]},
+                            images=images)
+
+
+def make_loss_fn(model, seg_cfg):
+  """(params, batch_stats, batch, rng) -> (loss, (batch_stats, metrics)) for `train.train_loop`.
+
+  batch: {"image": float32[B, c, c, 3], "mask": int32[B, c, c] (0/1, 255 ignore)}. Loss =
+  L(decode) + aux_weight * L(aux), L = `losses.segmentation_loss(kind=seg.loss_kind)`.
+  """
+  kind = str(seg_cfg.loss_kind)
+  compat = bool(seg_cfg.get("loss_reference_compat", False))
+  aux_weight = float(seg_cfg.aux_weight)
+
+  def loss_fn(params, batch_stats, batch, rng):
+    (logits, aux), updates = model.apply({"params": params, "batch_stats": batch_stats},
+                                         batch["image"], train=True, mutable=["batch_stats"],
+                                         rngs={"dropout": rng})
+    labels = batch["mask"].astype(jnp.int32)
+    main = losses.segmentation_loss(logits, labels, kind=kind, reference_compat=compat)
+    aux_loss = losses.segmentation_loss(aux, labels, kind=kind, reference_compat=compat)
+    valid = labels != 255
+    acc = jnp.sum((jnp.argmax(logits, -1) == labels) & valid) / jnp.maximum(jnp.sum(valid), 1)
+    return main + aux_weight * aux_loss, (updates["batch_stats"],
+                                          {"loss_decode": main, "loss_aux": aux_loss,
+                                           "pixel_acc": acc})
+
+  return loss_fn
+
+
+def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
+  """Trains the segmenter (module docstring); returns the summary fields of `train.train_loop`
+  plus data facts and the final summary line.
+
+  Raises:
+    FileNotFoundError: missing pseudo-masks or `model.init_checkpoint`.
+    ValueError: bad config values (mask source, loss kind, batch not divisible by the devices).
+    train.NonFiniteLossError, train.Preempted: see `train.train_loop`.
+  """
+  train.setup_distributed(config.train.distributed)
+  from oeem_jax.data import glas, pipeline
+
+  if config.seg.loss_kind not in losses.KINDS:
+    raise ValueError(f"config key seg.loss_kind is {config.seg.loss_kind!r}; expected one of {losses.KINDS}")
+  data = glas.load_splits(config.data)
+  examples = data.splits["train"]
+  if not examples:
+    raise ValueError("seg: no training images (config key data.dir / data.val_count)")
+  masks = training_masks(config, stage_dir, examples)
+  images = [ex.image for ex in examples]
+  if config.seg.mask_source == "pseudo":
+    agree = [np.mean((m == 1) == (ex.mask > 0)) for m, ex in zip(masks, examples)]
+    logging.info("seg: pseudo-masks from %s agree with the true masks on %.1f %% of the pixels",
+                 pseudo_dir(config, stage_dir), 100 * float(np.mean(agree)))
+  steps = int(config.train.steps)
+  batch = int(config.train.batch_size)
+  crop = int(config.seg.crop_size)
+  logging.info("seg: %d training images (%s masks), %d validation images; %d steps of batch %d, "
+               "crop %d, loss %s", len(examples), config.seg.mask_source, len(data.splits["val"]),
+               steps, batch, crop, config.seg.loss_kind)
+
+  model = make_model(config)
+
+  def init_variables(rng):
+    return model.init({"params": rng, "dropout": rng}, jnp.zeros((1, crop, crop, 3)), train=False)
+
+  load = None  # pretrained-weights hook for train_loop
+  if config.model.init_checkpoint:
+    path = Path(config.model.init_checkpoint).expanduser()
+    if not path.is_file():
+      raise FileNotFoundError(f"config key model.init_checkpoint: {path} does not exist")
+
+    def load_weights(variables):
+      from oeem_jax.models.import_torch import load_res38d
+      new, report = load_res38d(path, variables)
+      logging.info("seg: loaded %d tensors from %s (missing %d, unexpected %d)", len(report["used"]),
+                   path, len(report["missing"]), len(report["unexpected"]))
+      return new
+
+    load = load_weights
+
+  tx, schedule = train.optimizer_from_config(config.train, steps)
+  loss_fn = make_loss_fn(model, config.seg)
+
+  def make_iterator(start_step):
+    ds = pipeline.seg_dataset(images, masks, crop_size=crop,
+                              scale_range=(float(config.seg.scale_min), float(config.seg.scale_max)),
+                              global_batch_size=batch, seed=int(config.seed), start_step=start_step,
+                              process_index=jax.process_index(), process_count=jax.process_count(),
+                              photometric=bool(config.seg.photometric))
+    # Finite: nothing is left in flight when training ends (tearing down a busy tf.data pipeline
+    # can take tens of seconds).
+    return ds.take(max(steps - start_step, 0)).as_numpy_iterator()
+
+  mesh = train.make_mesh()
+  validator = None
+  if data.splits["val"]:
+    validator = Validator(model, data.splits["val"], window=int(config.seg.eval_window),
+                          stride=int(config.seg.eval_stride),
+                          batch_size=int(config.seg.eval_batch_size), mesh=mesh,
+                          num_images=int(config.seg.num_eval_images))
+  else:
+    logging.warning("seg: no validation images (data.val_count = 0): no evaluation, no best checkpoint")
+
+  identity = train.run_identity(config, ("seg", "model", "data"))
+  identity["seg"]["pseudo_dir"] = None  # where the masks live does not matter, their content does:
+  identity["masks_sha256"] = _masks_digest(masks)
+  result = train.train_loop(
+      stage_dir=stage_dir, init_variables=init_variables, pretrained=load, loss_fn=loss_fn,
+      make_iterator=make_iterator, tx=tx, schedule=schedule, total_steps=steps, seed=int(config.seed),
+      checkpoint_every=int(config.checkpoint.every), keep=int(config.checkpoint.keep),
+      log_every=int(config.train.log_every), eval_fn=validator,
+      eval_every=int(config.train.eval_every), best_metric="miou" if validator else None,
+      async_checkpoint=bool(config.checkpoint.async_save), mesh=mesh, name="seg",
+      run_identity=identity)
+  fe, best = result["final_eval"], result["best_eval"]
+  line = (f"seg ({config.seg.mask_source} masks, {config.seg.loss_kind}): {result['steps']} steps, "
+          f"final train loss {result['final_train'].get('loss', float('nan')):.4f}")
+  if fe:
+    line += (f"; val mIoU {100 * fe['miou']:.2f} (best {100 * best['miou']:.2f} at step "
+             f"{best['step']})")
+  result.update({
+      "num_train_images": len(examples),
+      "mask_source": config.seg.mask_source,
+      "loss_kind": config.seg.loss_kind,
+      "val_names": data.val_names,
+      "synthetic_data": data.synthetic,
+      "final_line": line,
+  })
+  return result

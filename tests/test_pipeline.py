@@ -1,0 +1,105 @@
+"""End to end: `configs/pipeline.py:demo` (tiny) on the synthetic set, through `oeem_jax.main`'s
+stage runner: every stage's outputs exist, metrics.json has every key, a rerun skips finished stages.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from oeem_jax import stages
+from oeem_jax.io_utils import REPO_ROOT
+
+
+def _config(name: str, arg: str | None):
+  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO_ROOT / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory, data_cache):
+  workdir = tmp_path_factory.mktemp("demo")
+  c = _config("pipeline", "demo")
+  c.data.cache_dir = str(data_cache)
+  c.stage_cls.train.steps = 4
+  c.stage_cls.train.log_every = 2
+  c.stage_seg.train.steps = 4
+  c.stage_seg.train.log_every = 2
+  c.stage_cam.cam.batch_size = 16
+  summary = stages.run_stage(c, workdir)
+  return workdir, summary
+
+
+def test_demo_pipeline_writes_every_stage(demo_run, synthetic_splits):
+  workdir, summary = demo_run
+  for name in ("cls", "cam", "seg", "eval", "pipeline"):
+    assert (workdir / name / "summary.json").is_file(), name
+  assert set(summary["stages"]) == {"cls", "cam", "seg", "eval"}
+  # Training stages: checkpoints and TensorBoard events.
+  for name in ("cls", "seg"):
+    s = json.loads((workdir / name / "summary.json").read_text())
+    assert s["steps"] == 4 and len(s["params_digest"]) == 64
+    assert any((workdir / name / "checkpoints").iterdir())
+    assert list((workdir / name).rglob("events.out.tfevents*")), f"no TensorBoard events for {name}"
+
+  # cam: one 0/1 pseudo-mask per training image (train + val), same size as the image.
+  train_examples = synthetic_splits.splits["train"] + synthetic_splits.splits["val"]
+  for ex in train_examples:
+    m = np.asarray(Image.open(workdir / "cam" / "pseudo_masks" / f"{ex.name}.png"))
+    assert m.shape == ex.mask.shape and set(np.unique(m)) <= {0, 1}
+    p = np.asarray(Image.open(workdir / "cam" / "previews" / f"{ex.name}.png"))
+    np.testing.assert_array_equal(p, m * 255)
+  cam = json.loads((workdir / "cam" / "summary.json").read_text())
+  assert cam["num_images"] == len(train_examples)
+  assert 0.0 <= cam["cam_miou"] <= 1.0 and 0.0 <= cam["pseudo_mask_miou"] <= 1.0
+
+  # eval: predictions (0/255), overlays (RGB), metrics.json with every key, per-image CSV.
+  test_examples = synthetic_splits.splits["test"]
+  for ex in test_examples:
+    pred = np.asarray(Image.open(workdir / "eval" / "predictions" / f"{ex.name}.png"))
+    assert pred.shape == ex.mask.shape and set(np.unique(pred)) <= {0, 255}
+    ov = np.asarray(Image.open(workdir / "eval" / "overlays" / f"{ex.name}.png"))
+    assert ov.shape == ex.image.shape
+  m = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert m["synthetic"] is True
+  assert set(m["splits"]) == {"test_a", "test_b", "test"}
+  for split, r in m["splits"].items():
+    assert set(r["pixel"]) >= {"iou", "miou", "dice", "f1", "precision", "recall", "accuracy",
+                               "reference_dice"}, split
+    assert set(r["object"]) >= {"f1", "dice", "hausdorff", "tp", "fp", "fn"}, split
+    p = r["pixel"]
+    assert p["reference_dice"] == pytest.approx(2 * p["miou"] / (1 + p["miou"]))
+  assert m["splits"]["test"]["num_images"] == len(test_examples)
+  rows = (workdir / "eval" / "per_image.csv").read_text().strip().splitlines()
+  assert rows[0].startswith("split,name,") and len(rows) == 1 + len(test_examples)
+  assert "SYNTHETIC" in summary["final_line"] and "test_a" in summary["final_line"]
+
+
+def test_rerun_skips_finished_stages(demo_run):
+  workdir, _ = demo_run
+  before = {n: (workdir / n / "summary.json").stat().st_mtime_ns for n in ("cls", "cam", "seg", "eval")}
+  c = _config("pipeline", "demo")
+  c.data.cache_dir = json.loads((workdir / "pipeline" / "summary.json").read_text())["config"]["data"]["cache_dir"]
+  again = stages.run_stage(c, workdir)
+  after = {n: (workdir / n / "summary.json").stat().st_mtime_ns for n in ("cls", "cam", "seg", "eval")}
+  assert before == after
+  assert again["final_line"] == json.loads((workdir / "eval" / "summary.json").read_text())["final_line"]
+
+
+def test_unknown_stage_in_pipeline_is_refused(tmp_path):
+  c = _config("pipeline", "demo")
+  c.pipeline.stages = "cls,cams"
+  with pytest.raises(ValueError, match="pipeline.stages.*'cams'"):
+    stages.run_stage(c, tmp_path)
+
+
+def test_unknown_config_argument_is_refused():
+  with pytest.raises(ValueError, match="unknown argument 'gpu'"):
+    _config("pipeline", "gpu")
