@@ -17,7 +17,6 @@ Args: none = the paper's configuration (for accelerators); `cpu` = the CPU-sized
 `demo` = a tiny run on the synthetic default set (the README's main command).
 """
 
-import importlib.util
 from pathlib import Path
 
 import ml_collections
@@ -26,10 +25,7 @@ from oeem_jax import config_base
 
 
 def _load(name: str):
-  spec = importlib.util.spec_from_file_location(f"configs_{name}", Path(__file__).with_name(f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+  return config_base.load_config_file(name, Path(__file__).parent)
 
 
 def get_config(arg: str | None = None):

@@ -5,16 +5,11 @@ r"""Stage `seg` with plain cross-entropy on CAM pseudo-masks: the "w/o OEEM" bas
 Everything else as configs/seg_oeem.py (same arguments).
 """
 
-import importlib.util
 from pathlib import Path
 
-
-def _seg_oeem():
-  spec = importlib.util.spec_from_file_location("configs_seg_oeem", Path(__file__).with_name("seg_oeem.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from oeem_jax.config_base import load_config_file
 
 
 def get_config(arg: str | None = None):
-  return _seg_oeem().get_seg_config(arg, loss_kind="ce", mask_source="pseudo")
+  seg_oeem = load_config_file("seg_oeem", Path(__file__).parent)
+  return seg_oeem.get_seg_config(arg, loss_kind="ce", mask_source="pseudo")

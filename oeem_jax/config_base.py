@@ -7,7 +7,27 @@ Each stage reads its own section; unknown sections are ignored by stages that do
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import ml_collections
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # in a source checkout
+
+
+def load_config_file(name: str, configs_dir: str | Path | None = None):
+  """Imports `configs/<name>.py` as a module, so one config file can build on another.
+
+  Raises:
+    FileNotFoundError: no such file.
+  """
+  path = Path(configs_dir or CONFIGS_DIR) / f"{name}.py"
+  if not path.is_file():
+    raise FileNotFoundError(f"config file {path} not found")
+  spec = importlib.util.spec_from_file_location(f"oeem_configs_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
 
 
 def get_base_config(stage: str) -> ml_collections.ConfigDict:

@@ -4,23 +4,18 @@ stage runner: every stage's outputs exist, metrics.json has every key, a rerun s
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from oeem_jax import stages
-from oeem_jax.io_utils import REPO_ROOT
+from oeem_jax.config_base import load_config_file
 
 
 def _config(name: str, arg: str | None):
-  spec = importlib.util.spec_from_file_location(f"cfg_{name}", REPO_ROOT / "configs" / f"{name}.py")
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
+  return load_config_file(name).get_config(arg)
 
 
 @pytest.fixture(scope="module")

@@ -77,3 +77,27 @@ def training_config(train_stage_dir: str | Path,
     return fallback
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f)["config"])
+
+
+def imagenet_init_hook(config: ml_collections.ConfigDict, stage: str):
+  """The `train_loop(pretrained=...)` hook that loads `model.init_checkpoint` (the reference's
+  ImageNet `res38d.pth`, non-strictly, REFERENCE.md §2/§4), or None when that key is empty.
+
+  Raises:
+    FileNotFoundError: `model.init_checkpoint` names a file that does not exist.
+  """
+  if not config.model.get("init_checkpoint", ""):
+    return None
+  path = Path(config.model.init_checkpoint).expanduser()
+  if not path.is_file():
+    raise FileNotFoundError(f"config key model.init_checkpoint: {path} does not exist")
+
+  def load_weights(variables):
+    from oeem_jax.models.import_torch import load_res38d
+
+    new, report = load_res38d(path, variables)
+    logging.info("%s: loaded %d tensors from %s (missing %d, unexpected %d)", stage,
+                 len(report["used"]), path, len(report["missing"]), len(report["unexpected"]))
+    return new
+
+  return load_weights

@@ -36,6 +36,7 @@ from absl import logging
 from oeem_jax import losses, metrics, train
 from oeem_jax.data import tiles as tiles_lib
 from oeem_jax.pseudo_mask import label_masked_argmax
+from oeem_jax.stages import imagenet_init_hook
 
 TILE = 112
 
@@ -244,20 +245,9 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   load = None  # pretrained-weights hook for train_loop
   if pretrained:
     from oeem_jax.models import trainable_mask
-    path = Path(config.model.init_checkpoint).expanduser()
-    if not path.is_file():
-      raise FileNotFoundError(f"config key model.init_checkpoint: {path} does not exist")
     abstract = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
     mask = trainable_mask(abstract["params"], freeze_stem=True, freeze_bn=True)
-
-    def load_weights(variables):
-      from oeem_jax.models.import_torch import load_res38d
-      new, report = load_res38d(path, variables)
-      logging.info("cls: loaded %d tensors from %s (missing %d, unexpected %d)", len(report["used"]),
-                   path, len(report["missing"]), len(report["unexpected"]))
-      return new
-
-    load = load_weights
+    load = imagenet_init_hook(config, "cls")
 
   tx, schedule = train.optimizer_from_config(config.train, steps, trainable_mask=mask)
 

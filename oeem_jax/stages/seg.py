@@ -37,6 +37,7 @@ import numpy as np
 from absl import logging
 
 from oeem_jax import inference, losses, metrics, train
+from oeem_jax.stages import imagenet_init_hook
 
 MASK_SOURCES = ("pseudo", "true")
 
@@ -215,20 +216,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   def init_variables(rng):
     return model.init({"params": rng, "dropout": rng}, jnp.zeros((1, crop, crop, 3)), train=False)
 
-  load = None  # pretrained-weights hook for train_loop
-  if config.model.init_checkpoint:
-    path = Path(config.model.init_checkpoint).expanduser()
-    if not path.is_file():
-      raise FileNotFoundError(f"config key model.init_checkpoint: {path} does not exist")
-
-    def load_weights(variables):
-      from oeem_jax.models.import_torch import load_res38d
-      new, report = load_res38d(path, variables)
-      logging.info("seg: loaded %d tensors from %s (missing %d, unexpected %d)", len(report["used"]),
-                   path, len(report["missing"]), len(report["unexpected"]))
-      return new
-
-    load = load_weights
+  load = imagenet_init_hook(config, "seg")  # pretrained-weights hook for train_loop
 
   tx, schedule = train.optimizer_from_config(config.train, steps)
   loss_fn = make_loss_fn(model, config.seg)
