@@ -4,7 +4,7 @@ Prints, per configuration: compile time, median step time over --steps steps, XL
 (compiled.cost_analysis()), achieved GFLOP/s, and peak memory (XLA's buffer assignment:
 arguments + outputs + temporaries - aliased, and the process's max RSS at the end).
 
-Configurations are the product of --models x --widths x --dtypes x --xla variants. All are compiled
+Configurations are the product of --models x --widths x --dtypes x --xla variants x --conv. All are compiled
 first, then timed *interleaved* (round r times step r of every configuration), so load from other
 processes on a shared machine hits all of them alike. --torch adds the PyTorch implementation from
 tests/test_torch_parity.py on the same shapes (NCHW, torch's own threads) to the same rounds.
@@ -18,6 +18,7 @@ Models (shapes as in issue 3; the classifier trains on 224 crops in the referenc
 Examples:
   python launch/bench_models.py                                  # default table (w 1.0 and 0.25)
   python launch/bench_models.py --models=cls --widths=1.0 --dtypes=float32,bfloat16 --torch
+  python launch/bench_models.py --models=psp --widths=1.0 --conv=xla,dots --torch   # conv gradients A/B
   python launch/bench_models.py --models=cls --widths=1.0 \
       --xla='base;onednn=xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION'
 
@@ -48,6 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from oeem_jax.models import CAMClassifier, PSPNet, freeze_frozen  # noqa: E402
+from oeem_jax.models import resnet38  # noqa: E402
 
 SHAPES = {"cls": (4, 112), "cls224": (4, 224), "psp": (2, 256)}
 
@@ -103,7 +105,8 @@ def _host_fill(abstract, seed: int = 0):
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict], seed: int = 0) -> Run:
+def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict], conv_impl: str = "auto",
+                 seed: int = 0) -> Run:
   batch, size = SHAPES[kind]
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
@@ -139,7 +142,9 @@ def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict],
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
   vname, opts = variant
-  name = f"jax {kind} w{width:g} {batch}x{size}^2 {dtype}" + ("" if vname == "base" else f" [{vname}]")
+  name = (f"jax {kind} w{width:g} {batch}x{size}^2 {dtype} conv={conv_impl}"
+          + ("" if vname == "base" else f" [{vname}]"))
+  resnet38.set_conv_impl(conv_impl)  # read while tracing (lower) below
   jitted = jax.jit(train_step, donate_argnums=(0, 1, 2))
   key = jax.random.key(seed)
   t0 = time.perf_counter()
@@ -214,6 +219,8 @@ def main(argv=None) -> int:
   ap.add_argument("--widths", default="1.0,0.25")
   ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16 (compute dtype)")
   ap.add_argument("--xla", default="base", help="XLA option variants, see the module docstring")
+  ap.add_argument("--conv", default="auto",
+                  help="comma list of conv gradient implementations: auto, xla, dots (resnet38.set_conv_impl)")
   ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (>= 5 recommended)")
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--torch", action="store_true", help="also time the PyTorch implementation")
@@ -231,9 +238,10 @@ def main(argv=None) -> int:
         runs.append(make_torch_run(kind, w))
       for dtype in args.dtypes.split(","):
         for variant in _parse_variants(args.xla):
-          r = make_jax_run(kind, w, dtype, variant)
-          print(f"compiled {r.name}: {r.compile_s:.1f} s", flush=True)
-          runs.append(r)
+          for conv_impl in args.conv.split(","):
+            r = make_jax_run(kind, w, dtype, variant, conv_impl)
+            print(f"compiled {r.name}: {r.compile_s:.1f} s", flush=True)
+            runs.append(r)
   for r in runs:
     for _ in range(args.warmup):
       r.step()

@@ -5,7 +5,6 @@ Width-1.0 checks use jax.eval_shape (no allocation); numerical checks run at wid
 
 from __future__ import annotations
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -85,6 +84,27 @@ def test_padding_is_symmetric_not_same():
   k = jnp.zeros((3, 3, 1, 1)).at[1, 1, 0, 0].set(1.0)  # identity tap at the centre
   y = layer.apply({"params": {"kernel": k}}, x)
   np.testing.assert_array_equal(y[0, :, :, 0], np.arange(36).reshape(6, 6)[0::2, 0::2])
+
+
+@pytest.mark.parametrize("kernel,stride,dilation,h,w", [(3, 2, 1, 9, 10), (3, 1, 2, 8, 8), (3, 1, 4, 5, 6),
+                                                         (1, 2, 1, 7, 6)])
+def test_conv_gradient_implementations_agree(kernel, stride, dilation, h, w):
+  # 'dots' (1x1 as matmul, im2col weight gradient; the CPU default) == XLA's own conv and gradients.
+  from oeem_jax.models import resnet38
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((2, h, w, 3)), jnp.float32)
+  k = jnp.asarray(rng.standard_normal((kernel, kernel, 3, 4)), jnp.float32)
+  out = {}
+  try:
+    for impl in ("xla", "dots"):
+      resnet38.set_conv_impl(impl)
+      f = lambda x, k: jnp.sum(jnp.sin(resnet38.conv2d(x, k, stride, dilation)))  # noqa: E731
+      out[impl] = (resnet38.conv2d(x, k, stride, dilation),) + jax.grad(f, argnums=(0, 1))(x, k)
+  finally:
+    resnet38.set_conv_impl("auto")
+  assert out["xla"][0].shape == (2, (h - 1) // stride + 1, (w - 1) // stride + 1, 4)
+  for a, b in zip(out["xla"], out["dots"]):
+    np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
 
 
 def test_classifier_and_pspnet_run_odd_even(tiny_cls):
@@ -286,3 +306,12 @@ def test_pspnet_train_mode_trains_bn_like_pytorch():
 def test_bad_input_shape_error():
   with pytest.raises(ValueError, match=r"NHWC RGB"):
     jax.eval_shape(lambda: ResNet38(width=TINY).init(jax.random.key(0), jnp.zeros((1, 3, 16, 16)), train=False))
+
+
+def test_import_without_torch_says_how_to_install(tmp_path, monkeypatch):
+  from oeem_jax.models.import_torch import load_res38d
+  ckpt = tmp_path / "res38d.pth"
+  ckpt.write_bytes(b"not read")
+  monkeypatch.setitem(__import__("sys").modules, "torch", None)  # `import torch` -> ImportError
+  with pytest.raises(ImportError, match=r"oeem_jax\[torch\]"):
+    load_res38d(ckpt, {"params": {}})

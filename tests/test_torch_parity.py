@@ -313,9 +313,6 @@ def test_pspnet_parity(torch_backbone_file):
 
 
 def test_import_rejects_wrong_width(torch_backbone_file):
-  import jax
-  import jax.numpy as jnp
-
   from oeem_jax.models import ResNet38
   from oeem_jax.models.import_torch import load_res38d
 
@@ -326,9 +323,6 @@ def test_import_rejects_wrong_width(torch_backbone_file):
 
 
 def test_import_reports_unexpected_and_missing(tmp_path):
-  import jax
-  import jax.numpy as jnp
-
   from oeem_jax.models import ResNet38
   from oeem_jax.models.import_torch import load_res38d
 

@@ -17,12 +17,12 @@ import optax
 
 from oeem_jax.models.classifier import CAMClassifier
 from oeem_jax.models.pspnet import PSPNet, adaptive_avg_pool, adaptive_pool_matrix
-from oeem_jax.models.resnet38 import ResNet38, feature_size, scaled_channels
+from oeem_jax.models.resnet38 import ResNet38, feature_size, scaled_channels, set_conv_impl
 
 __all__ = [
     "ResNet38", "CAMClassifier", "PSPNet", "feature_size", "scaled_channels", "adaptive_avg_pool",
     "adaptive_pool_matrix", "trainable_mask", "freeze_frozen", "is_batch_norm_param", "is_stem_param",
-    "init_variables",
+    "init_variables", "set_conv_impl",
 ]
 
 

@@ -36,10 +36,15 @@ Conventions (all checked by tests/test_models.py and tests/test_torch_parity.py)
   `res38d.pth` instead (see `import_torch`).
 - `dtype` is the compute dtype (e.g. jnp.bfloat16); parameters are always float32 (fp32 master
   weights) and BN statistics are reduced in float32.
+- Speed on CPU: convolutions go through `conv2d`, which on the CPU backend computes 1x1 convs as
+  matmuls and the weight gradient of kxk convs as one im2col matmul (XLA:CPU's own weight-gradient
+  convolution is 3-10x slower than its forward pass); same numbers, see `set_conv_impl`.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 from typing import Any
 
 import flax.linen as nn
@@ -70,13 +75,110 @@ def feature_size(size: int) -> int:
   return size
 
 
+# How convolutions are differentiated (read when a function is traced):
+#   'xla'  - plain lax.conv_general_dilated and XLA's own gradients;
+#   'dots' - 1x1 convs as a matmul (einsum); kxk convs keep XLA's forward and input gradient but
+#            compute the weight gradient as one im2col matmul (see `conv2d`);
+#   'auto' - on the CPU backend 'dots' for convs with Cin*Cout >= DOTS_MIN_CHANNEL_PRODUCT (XLA:CPU's
+#            weight-gradient convolution runs at ~10-20 GFLOP/s on 2 cores, 3-10x below its forward,
+#            for these wide layers; narrow ones gain nothing), 'xla' for the rest and on GPU/TPU.
+_CONV_IMPL = {"impl": os.environ.get("OEEM_CONV_IMPL", "auto")}
+DOTS_MIN_CHANNEL_PRODUCT = 256 * 256
+
+
+def set_conv_impl(impl: str) -> None:
+  """Selects the convolution gradient implementation ('auto', 'xla' or 'dots') for later traces."""
+  if impl not in ("auto", "xla", "dots"):
+    raise ValueError(f"conv impl must be 'auto', 'xla' or 'dots', got {impl!r}")
+  _CONV_IMPL["impl"] = impl
+
+
+def _use_dots(cin: int, cout: int) -> bool:
+  impl = _CONV_IMPL["impl"]
+  if impl == "auto":
+    return jax.default_backend() == "cpu" and cin * cout >= DOTS_MIN_CHANNEL_PRODUCT
+  return impl == "dots"
+
+
+def _lax_conv(x, k, stride: int, dilation: int):
+  pad = dilation * (k.shape[0] - 1) // 2
+  return jax.lax.conv_general_dilated(x, k, (stride, stride), ((pad, pad), (pad, pad)),
+                                      rhs_dilation=(dilation, dilation),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def _im2col(x, kh: int, kw: int, out_h: int, out_w: int, stride: int, dilation: int):
+  """[N, H, W, C] -> [N, out_h, out_w, kh*kw*C], taps in (i, j) row-major order then channels."""
+  ph, pw = dilation * (kh - 1) // 2, dilation * (kw - 1) // 2
+  xp = jnp.pad(x, ((0, 0), (ph, ph), (pw, pw), (0, 0)))
+  n, c = x.shape[0], x.shape[3]
+  taps = [jax.lax.slice(xp, (0, i * dilation, j * dilation, 0),
+                        (n, i * dilation + stride * (out_h - 1) + 1, j * dilation + stride * (out_w - 1) + 1, c),
+                        (1, stride, stride, 1))
+          for i in range(kh) for j in range(kw)]
+  return jnp.concatenate(taps, axis=-1)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _conv_wgrad_dot(x, k, stride: int, dilation: int):
+  return _lax_conv(x, k, stride, dilation)
+
+
+def _conv_fwd(x, k, stride, dilation):
+  return _lax_conv(x, k, stride, dilation), (x, k)
+
+
+def _conv_bwd(stride, dilation, res, g):
+  x, k = res
+  _, vjp_x = jax.vjp(lambda x_: _lax_conv(x_, k, stride, dilation), x)
+  (dx,) = vjp_x(g)
+  kh, kw, cin, cout = k.shape
+  col = _im2col(x, kh, kw, g.shape[1], g.shape[2], stride, dilation)
+  dk = jnp.einsum("nhwk,nhwd->kd", col, g, preferred_element_type=jnp.float32)
+  return dx, dk.reshape(kh, kw, cin, cout).astype(k.dtype)
+
+
+_conv_wgrad_dot.defvjp(_conv_fwd, _conv_bwd)
+
+
+def conv2d(x: jax.Array, k: jax.Array, stride: int = 1, dilation: int = 1) -> jax.Array:
+  """Bias-free NHWC conv with PyTorch's symmetric padding p = dilation*(k-1)/2 (odd square kernels).
+
+  x: [N, H, W, Cin], k: [kh, kw, Cin, Cout] (HWIO) -> [N, (H-1)//stride+1, (W-1)//stride+1, Cout].
+  The math is identical for every `set_conv_impl` choice; only how XLA computes the gradients differs.
+  """
+  if k.shape[0] != k.shape[1] or k.shape[0] % 2 != 1:
+    raise ValueError(f"conv2d expects an odd square kernel, got {k.shape}")
+  if not _use_dots(k.shape[2], k.shape[3]):
+    return _lax_conv(x, k, stride, dilation)
+  if k.shape[0] == 1:
+    if stride > 1:
+      x = x[:, ::stride, ::stride, :]
+    return jnp.einsum("nhwc,cd->nhwd", x, k[0, 0])
+  return _conv_wgrad_dot(x, k, stride, dilation)
+
+
+class Conv2d(nn.Module):
+  """Bias-free conv (param 'kernel' HWIO, float32) computed in `dtype` by `conv2d`."""
+  features: int
+  kernel: int
+  stride: int = 1
+  dilation: int = 1
+  dtype: Any = jnp.float32
+  kernel_init: Any = torch_default_init
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    k = self.param("kernel", self.kernel_init, (self.kernel, self.kernel, x.shape[-1], self.features),
+                   jnp.float32)
+    return conv2d(x.astype(self.dtype), k.astype(self.dtype), self.stride, self.dilation)
+
+
 def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, name: str,
-         dtype: Any = jnp.float32, kernel_init=torch_default_init) -> nn.Conv:
+         dtype: Any = jnp.float32, kernel_init=torch_default_init) -> Conv2d:
   """A bias-free conv with PyTorch's symmetric padding ((p, p), (p, p)), p = dilation*(kernel-1)/2."""
-  pad = dilation * (kernel - 1) // 2
-  return nn.Conv(features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-                 kernel_dilation=(dilation, dilation), use_bias=False, dtype=dtype,
-                 param_dtype=jnp.float32, kernel_init=kernel_init, name=name)
+  return Conv2d(features, kernel, stride=stride, dilation=dilation, dtype=dtype, kernel_init=kernel_init,
+                name=name)
 
 
 def batch_norm(*, use_running_average: bool, name: str, dtype: Any = jnp.float32) -> nn.BatchNorm:
