@@ -139,7 +139,8 @@ def add_seg_config(c: ml_collections.ConfigDict, *, loss_kind: str = "oeem",
   Keys: loss_kind (oeem_jax.losses kinds: "oeem", "ce", ...), loss_reference_compat (reproduce the
   reference's handling of ignored pixels), aux_weight (0.4), mask_source ("pseudo": pseudo-mask PNGs
   from `pseudo_dir`, default WORKDIR/cam/pseudo_masks; "true": the GlaS annotations, fully
-  supervised), pseudo_dir, crop_size (256), scale_min / scale_max (random rescale range),
+  supervised), pseudo_dir, backbone_init ("": none; "cls" or a folder: the backbone of a
+  stage-cls classifier, seg.init_hook), crop_size (256), scale_min / scale_max (random rescale range),
   photometric (photometric distortion on/off), num_classes, b7_dilation (4), eval_window /
   eval_stride (sliding window of the single-scale validation), eval_batch_size, num_eval_images.
   """
@@ -149,6 +150,7 @@ def add_seg_config(c: ml_collections.ConfigDict, *, loss_kind: str = "oeem",
   c.seg.aux_weight = 0.4
   c.seg.mask_source = mask_source
   c.seg.pseudo_dir = ""
+  c.seg.backbone_init = ""       # "" | "cls" (= WORKDIR/cls) | a cls stage folder
   c.seg.crop_size = 256
   c.seg.scale_min = 0.75
   c.seg.scale_max = 3.0

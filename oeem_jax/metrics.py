@@ -409,6 +409,85 @@ PER_IMAGE_FIELDS = ("name", "miou", "iou_background", "iou_gland", "dice", "obje
                     "num_gt_objects")
 
 
+@dataclasses.dataclass(frozen=True)
+class ImageScore:
+  """The additive metric counts of one image (`score_image`); pool several with `pool_scores`.
+
+  conf: int64[2, 2] pixel confusion matrix (rows ground truth, columns prediction);
+  objects: the image's `ObjectStats`; row: its per-image CSV row (keys `PER_IMAGE_FIELDS`).
+  """
+
+  conf: np.ndarray
+  objects: ObjectStats
+  row: dict[str, Any]
+
+
+def score_image(pred: np.ndarray, gt: np.ndarray, name: str = "", *,
+                unmatched: str = "diagonal") -> ImageScore:
+  """Pixel and object counts of one image.
+
+  Args:
+    pred: uint8/bool/int[H, W] binary prediction (0 = non-gland, 1 = gland).
+    gt: int[H, W] ground-truth instance ids (0 = background, > 0 = gland id).
+    name: the image name (for the row and error messages).
+    unmatched: see `object_stats`.
+
+  Raises:
+    ValueError: shapes differ or are not 2-D, the prediction holds values other than 0/1, or the
+      ground truth has negative ids (the message names the image).
+  """
+  pred = np.asarray(pred)
+  gt = np.asarray(gt)
+  if pred.shape != gt.shape or pred.ndim != 2:
+    raise ValueError(f"evaluate_split: image {name!r}: prediction {pred.shape} and ground "
+                     f"truth {gt.shape} must have the same 2-D shape")
+  if pred.size and (pred.min() < 0 or pred.max() > 1):
+    raise ValueError(f"evaluate_split: image {name!r}: prediction must hold 0/1 "
+                     f"(got range {pred.min()}..{pred.max()}); a 0/255 PNG needs `// 255`")
+  if gt.size and gt.min() < 0:
+    raise ValueError(f"evaluate_split: image {name!r}: negative ground-truth ids")
+  pred = pred.astype(np.int64)
+  c = confusion_matrix(pred, (gt > 0).astype(np.int64))
+  st = object_stats(label_instances(pred), gt, unmatched=unmatched)
+  pm = pixel_metrics(c)
+  row = {
+      "name": name, "miou": pm["miou"], "iou_background": pm["iou"][0],
+      "iou_gland": pm["iou"][1], "dice": pm["dice"], "object_f1": st.f1,
+      "object_dice": st.dice, "object_hausdorff": st.hausdorff, "tp": st.tp, "fp": st.fp,
+      "fn": st.fn, "num_pred_objects": st.num_pred, "num_gt_objects": st.num_gt,
+  }
+  return ImageScore(conf=c, objects=st, row=row)
+
+
+def pool_scores(scores: Sequence[ImageScore]) -> dict[str, Any]:
+  """Split metrics from per-image counts: one summed confusion matrix, summed `ObjectStats`.
+
+  Pooling the scores of test_a and test_b gives exactly the metrics of `test` (all counts add), so
+  no image is scored twice. Returns the dict described in `evaluate_split`.
+
+  Raises:
+    ValueError: `scores` is empty.
+  """
+  if not scores:
+    raise ValueError("evaluate_split: no images")
+  conf = np.zeros((2, 2), np.int64)
+  total = ObjectStats()
+  for sc in scores:
+    conf += sc.conf
+    total = total + sc.objects
+  return {
+      "num_images": len(scores),
+      "pixel": pixel_metrics(conf),
+      "object": {
+          "f1": total.f1, "precision": total.precision, "recall": total.recall,
+          "tp": total.tp, "fp": total.fp, "fn": total.fn, "dice": total.dice,
+          "hausdorff": total.hausdorff, "num_pred_objects": total.num_pred,
+          "num_gt_objects": total.num_gt,
+      },
+      "per_image": [dict(sc.row) for sc in scores],
+  }
+
+
 def evaluate_split(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
                    names: Sequence[str] | None = None, *,
                    unmatched: str = "diagonal") -> dict[str, Any]:
@@ -440,43 +519,8 @@ def evaluate_split(preds: Sequence[np.ndarray], gts: Sequence[np.ndarray],
     names = [str(k) for k in range(len(preds))]
   if len(names) != len(preds):
     raise ValueError(f"evaluate_split: {len(names)} names for {len(preds)} images")
-  conf = np.zeros((2, 2), np.int64)
-  total = ObjectStats()
-  rows = []
-  for name, pred, gt in zip(names, preds, gts):
-    pred = np.asarray(pred)
-    gt = np.asarray(gt)
-    if pred.shape != gt.shape or pred.ndim != 2:
-      raise ValueError(f"evaluate_split: image {name!r}: prediction {pred.shape} and ground "
-                       f"truth {gt.shape} must have the same 2-D shape")
-    if pred.size and (pred.min() < 0 or pred.max() > 1):
-      raise ValueError(f"evaluate_split: image {name!r}: prediction must hold 0/1 "
-                       f"(got range {pred.min()}..{pred.max()}); a 0/255 PNG needs `// 255`")
-    if gt.size and gt.min() < 0:
-      raise ValueError(f"evaluate_split: image {name!r}: negative ground-truth ids")
-    pred = pred.astype(np.int64)
-    c = confusion_matrix(pred, (gt > 0).astype(np.int64))
-    conf += c
-    st = object_stats(label_instances(pred), gt, unmatched=unmatched)
-    total = total + st
-    pm = pixel_metrics(c)
-    rows.append({
-        "name": name, "miou": pm["miou"], "iou_background": pm["iou"][0],
-        "iou_gland": pm["iou"][1], "dice": pm["dice"], "object_f1": st.f1,
-        "object_dice": st.dice, "object_hausdorff": st.hausdorff, "tp": st.tp, "fp": st.fp,
-        "fn": st.fn, "num_pred_objects": st.num_pred, "num_gt_objects": st.num_gt,
-    })
-  return {
-      "num_images": len(preds),
-      "pixel": pixel_metrics(conf),
-      "object": {
-          "f1": total.f1, "precision": total.precision, "recall": total.recall,
-          "tp": total.tp, "fp": total.fp, "fn": total.fn, "dice": total.dice,
-          "hausdorff": total.hausdorff, "num_pred_objects": total.num_pred,
-          "num_gt_objects": total.num_gt,
-      },
-      "per_image": rows,
-  }
+  return pool_scores([score_image(p, g, n, unmatched=unmatched)
+                      for n, p, g in zip(names, preds, gts)])
 
 
 def per_image_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str] = PER_IMAGE_FIELDS) -> str:

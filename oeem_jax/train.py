@@ -533,7 +533,10 @@ def train_loop(
   latest_mngr, best_mngr = _managers(stage_dir, keep, async_checkpoint)
   resumed_from = latest_mngr.latest_step()
   if resumed_from is None:
-    state = jax.jit(create_state, static_argnums=0, out_shardings=state_shardings)(seed)
+    # Non-partitionable threefry: the ~140 initialisers compile in ~7 s instead of ~35 s on CPU
+    # (see oeem_jax.models.init_variables); parameters are replicated, so nothing is lost.
+    with jax.threefry_partitionable(False):
+      state = jax.jit(create_state, static_argnums=0, out_shardings=state_shardings)(seed)
     if pretrained is not None:
       host = jax.device_get(state.variables)
       variables = dict(pretrained(host))

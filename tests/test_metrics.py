@@ -195,6 +195,24 @@ def test_split_pooling_sums_counts_and_areas():
   assert lines[1].startswith("a,0.595430,") and len(lines) == 3
 
 
+def test_pooled_scores_of_two_splits_equal_the_joint_split():
+  # test = test_a + test_b: pooling per-image scores must give the joint split's metrics exactly.
+  a = [(PRED, GT, "a1"), (np.zeros_like(PRED), GT, "a2")]
+  b = [((GT > 0).astype(np.uint8), GT, "b1"), (np.ones_like(PRED), GT, "b2")]
+  scores = {n: metrics.score_image(p, g, n) for p, g, n in a + b}
+  pooled = metrics.pool_scores([scores[n] for _, _, n in a + b])
+  joint = metrics.evaluate_split([p for p, _, _ in a + b], [g for _, g, _ in a + b],
+                                 [n for _, _, n in a + b])
+  assert pooled["pixel"]["miou"] == pytest.approx(joint["pixel"]["miou"])
+  for key in ("f1", "dice", "hausdorff", "tp", "fp", "fn", "num_pred_objects"):
+    assert pooled["object"][key] == pytest.approx(joint["object"][key]), key
+  only_a = metrics.pool_scores([scores["a1"], scores["a2"]])
+  assert only_a["object"]["tp"] == 1 and only_a["num_images"] == 2
+  assert joint["object"]["tp"] > only_a["object"]["tp"]
+  with pytest.raises(ValueError, match="no images"):
+    metrics.pool_scores([])
+
+
 def test_evaluate_split_errors_name_the_image():
   with pytest.raises(ValueError, match="'b'.*0/1"):
     metrics.evaluate_split([PRED, PRED * 255], [GT, GT], names=["a", "b"])

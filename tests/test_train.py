@@ -332,6 +332,48 @@ def test_seg_reads_pseudo_masks_and_rejects_bad_ones(tmp_path):
     seg_stage.training_masks(cfg, tmp_path / "seg", [ex])
 
 
+def test_segmenter_backbone_from_the_classifier(tmp_path, monkeypatch):
+  import ml_collections
+
+  from oeem_jax.models import CAMClassifier, PSPNet, init_variables
+  from oeem_jax.stages import seg as seg_stage
+
+  tiny = 1 / 32
+  cls_vars = jax.device_get(init_variables(CAMClassifier(width=tiny), jax.random.PRNGKey(1),
+                                           (1, 16, 16, 3)))
+  seg_vars = jax.device_get(init_variables(PSPNet(width=tiny), jax.random.PRNGKey(2),
+                                           (1, 16, 16, 3)))
+  out = seg_stage.copy_backbone(seg_vars, cls_vars, "cls")
+  for coll in ("params", "batch_stats"):
+    for a, b in zip(jax.tree.leaves(out[coll]["backbone"]), jax.tree.leaves(cls_vars[coll]["backbone"])):
+      np.testing.assert_array_equal(a, b)
+    for a, b in zip(jax.tree.leaves(out[coll]["decode"]), jax.tree.leaves(seg_vars[coll]["decode"])):
+      np.testing.assert_array_equal(a, b)  # heads keep their own initialisation
+  k = seg_vars["params"]["backbone"]["conv1a"]["kernel"]
+  assert not np.array_equal(k, out["params"]["backbone"]["conv1a"]["kernel"])  # something changed
+  wider = jax.device_get(init_variables(CAMClassifier(width=2 * tiny), jax.random.PRNGKey(1),
+                                        (1, 16, 16, 3)))
+  with pytest.raises(ValueError, match="params/backbone.*model.width"):
+    seg_stage.copy_backbone(seg_vars, wider, "cls")
+
+  cfg = ml_collections.ConfigDict({"model": {"init_checkpoint": ""},
+                                   "seg": {"backbone_init": ""}})
+  assert seg_stage.init_hook(cfg, tmp_path / "seg") is None
+  cfg.seg.backbone_init = "cls"
+  with pytest.raises(FileNotFoundError, match="no classifier checkpoint in .*cls.*backbone_init=''"):
+    seg_stage.init_hook(cfg, tmp_path / "seg")
+  (tmp_path / "cls" / "best").mkdir(parents=True)
+  monkeypatch.setattr(train, "load_variables", lambda d, which: (cls_vars, 7))
+  hook = seg_stage.init_hook(cfg, tmp_path / "seg")
+  got = hook(seg_vars)
+  np.testing.assert_array_equal(got["params"]["backbone"]["conv1a"]["kernel"],
+                                cls_vars["params"]["backbone"]["conv1a"]["kernel"])
+  (tmp_path / "res38d.pth").write_bytes(b"")
+  cfg.model.init_checkpoint = str(tmp_path / "res38d.pth")
+  with pytest.raises(ValueError, match="both set"):
+    seg_stage.init_hook(cfg, tmp_path / "seg")
+
+
 def test_configs_have_the_shared_keys_and_cpu_variants():
   import importlib.util as iu
 

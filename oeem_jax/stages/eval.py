@@ -136,11 +136,11 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
       wanted.setdefault(ex.name, ex)
   preds = predict_split(apply_fn, list(wanted.values()), eval_cfg, stage_dir, normalize_seg)
 
+  # Score each image once; a split's metrics pool its images' counts (test = test_a + test_b).
+  scores = {name: metrics.score_image(preds[name], ex.mask, name) for name, ex in wanted.items()}
   results, rows = {}, {}
   for s in splits:
-    exs = data.splits[s]
-    r = metrics.evaluate_split([preds[e.name] for e in exs], [e.mask for e in exs],
-                               [e.name for e in exs])
+    r = metrics.pool_scores([scores[e.name] for e in data.splits[s]])
     for row in r.pop("per_image"):
       rows.setdefault(row["name"], {"split": s, **row})  # an image's first (narrowest) split
     results[s] = r

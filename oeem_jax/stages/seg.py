@@ -16,7 +16,8 @@ labelled 255).
 Loss: `losses.segmentation_loss(logits, mask, kind=seg.loss_kind)` on the decode head plus
 `seg.aux_weight` (0.4) times the same loss on the auxiliary head, both at crop resolution.
 BN trains with batch statistics over the global batch. `model.init_checkpoint` loads the ImageNet
-ResNet-38d backbone (non-strict, nothing frozen), as the reference does.
+ResNet-38d backbone (non-strict, nothing frozen), as the reference does; `seg.backbone_init` loads
+the backbone of our stage-`cls` classifier instead (the `:cpu` default, `init_hook`).
 
 Validation every `train.eval_every` steps and at the end: single-scale whole-image sliding-window
 prediction (`inference.sliding_window_logits`, window/stride `seg.eval_window`/`seg.eval_stride`) of
@@ -154,6 +155,81 @@ class Validator:
                             images=images)
 
 
+def backbone_init_dir(config: ml_collections.ConfigDict, stage_dir: Path) -> Path | None:
+  """The classifier stage folder named by `seg.backbone_init` ("" = none, "cls" = WORKDIR/cls)."""
+  value = str(config.seg.get("backbone_init", "") or "")
+  if not value:
+    return None
+  return Path(stage_dir).parent / "cls" if value == "cls" else Path(value).expanduser()
+
+
+def copy_backbone(variables: dict[str, Any], source: dict[str, Any], origin: str) -> dict[str, Any]:
+  """The segmenter `variables` with params/batch_stats['backbone'] replaced by `source`'s.
+
+  Args:
+    variables: {"params": {"backbone", "decode", "aux"}, "batch_stats": ...} host arrays of PSPNet.
+    source: {"params": {"backbone", ...}, "batch_stats": ...} of a CAMClassifier (same width).
+    origin: where `source` came from, for error messages.
+
+  Raises:
+    ValueError: `source` has no backbone, or its tree or any shape differs (e.g. another
+      `model.width`); the message names the first mismatching key.
+  """
+  out = {k: dict(v) for k, v in variables.items()}
+  for coll in ("params", "batch_stats"):
+    if coll not in variables or "backbone" not in variables[coll]:
+      continue
+    src = source.get(coll, {}).get("backbone")
+    if src is None:
+      raise ValueError(f"seg.backbone_init: {origin} has no {coll}['backbone']")
+    dst_flat = dict(jax.tree_util.tree_flatten_with_path(variables[coll]["backbone"])[0])
+    src_flat = dict(jax.tree_util.tree_flatten_with_path(src)[0])
+    for key, leaf in dst_flat.items():
+      name = coll + "/backbone" + jax.tree_util.keystr(key)
+      if key not in src_flat:
+        raise ValueError(f"seg.backbone_init: {origin} lacks {name}")
+      if np.shape(src_flat[key]) != np.shape(leaf):
+        raise ValueError(f"seg.backbone_init: {name} is {np.shape(src_flat[key])} in {origin} but "
+                         f"{np.shape(leaf)} in the segmenter (same model.width needed)")
+    out[coll]["backbone"] = jax.tree.map(lambda a, b: np.asarray(b, np.asarray(a).dtype),
+                                         variables[coll]["backbone"], src)
+  return out
+
+
+def init_hook(config: ml_collections.ConfigDict, stage_dir: Path):
+  """The `train_loop(pretrained=...)` hook of the segmenter, or None.
+
+  * `model.init_checkpoint`: the ImageNet ResNet-38d backbone (the reference, REFERENCE.md §4);
+  * `seg.backbone_init`: the backbone (parameters and BN statistics) of our own stage-`cls`
+    classifier, best checkpoint ("cls" = WORKDIR/cls). It saw only patch labels, so the method stays
+    weakly supervised; this is the `:cpu` default, where no ImageNet weights are used and a
+    from-scratch PSPNet learns too slowly in a CPU budget (README "Differences").
+
+  Raises:
+    ValueError: both keys set.
+    FileNotFoundError: the classifier folder has no checkpoint (the message says how to fix it).
+  """
+  cls_dir = backbone_init_dir(config, stage_dir)
+  imagenet = imagenet_init_hook(config, "seg")
+  if cls_dir is None:
+    return imagenet
+  if imagenet is not None:
+    raise ValueError("config keys model.init_checkpoint and seg.backbone_init are both set; "
+                     "choose one backbone initialisation")
+  if not (cls_dir / "best").is_dir() and not (cls_dir / "checkpoints").is_dir():
+    raise FileNotFoundError(
+        f"config key seg.backbone_init: no classifier checkpoint in {cls_dir} (run stage cls "
+        "there, point the key at a cls stage folder, or set --config.seg.backbone_init='' to "
+        "train the backbone from scratch)")
+
+  def load_weights(variables):
+    source, step = train.load_variables(cls_dir, "best")
+    logging.info("seg: backbone initialised from the classifier in %s (step %d)", cls_dir, step)
+    return copy_backbone(variables, source, f"{cls_dir} (step {step})")
+
+  return load_weights
+
+
 def make_loss_fn(model, seg_cfg):
   """(params, batch_stats, batch, rng) -> (loss, (batch_stats, metrics)) for `train.train_loop`.
 
@@ -216,7 +292,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   def init_variables(rng):
     return model.init({"params": rng, "dropout": rng}, jnp.zeros((1, crop, crop, 3)), train=False)
 
-  load = imagenet_init_hook(config, "seg")  # pretrained-weights hook for train_loop
+  load = init_hook(config, stage_dir)  # pretrained-weights hook for train_loop
 
   tx, schedule = train.optimizer_from_config(config.train, steps)
   loss_fn = make_loss_fn(model, config.seg)
