@@ -57,7 +57,7 @@ def make_model():
 
 
 def run(workdir: str, steps: int, *, batch_size: int = 8, seed: int = 0, every: int = 3, keep: int = 2,
-        lr: float = 0.1, nan_at: int | None = None, kill_at: int | None = None,
+        lr: float = 0.3, nan_at: int | None = None, kill_at: int | None = None,
         sigterm_at: int | None = None, eval_every: int = 0, async_checkpoint: bool = True,
         num_devices: int | None = None, tensorboard: bool = False, stop_at: int | None = None,
         pretrained=None, trainable_mask=None, identity=None):
