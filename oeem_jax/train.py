@@ -165,6 +165,16 @@ def make_optimizer(lr: float, total_steps: int, *, momentum: float = 0.9, weight
   return tx, schedule
 
 
+def loop_options(config) -> dict[str, Any]:
+  """The `train_loop` keyword arguments a stage config fixes: seed, checkpoint_every, keep,
+  log_every, eval_every and async_checkpoint (keys seed, checkpoint.every / keep / async_save,
+  train.log_every / eval_every). Shared by stages cls and seg."""
+  return dict(seed=int(config.seed), checkpoint_every=int(config.checkpoint.every),
+              keep=int(config.checkpoint.keep), log_every=int(config.train.log_every),
+              eval_every=int(config.train.eval_every),
+              async_checkpoint=bool(config.checkpoint.async_save))
+
+
 def optimizer_from_config(train_cfg, total_steps: int, trainable_mask: PyTree | None = None
                           ) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """`make_optimizer` from a config's `train` section (keys lr, momentum, weight_decay, power, end_lr)."""

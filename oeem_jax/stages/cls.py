@@ -272,12 +272,9 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
 
   result = train.train_loop(
       stage_dir=stage_dir, init_variables=init_variables, pretrained=load, loss_fn=loss_fn,
-      make_iterator=make_iterator, tx=tx, schedule=schedule, total_steps=steps, seed=int(config.seed),
-      checkpoint_every=int(config.checkpoint.every), keep=int(config.checkpoint.keep),
-      log_every=int(config.train.log_every), eval_fn=validator,
-      eval_every=int(config.train.eval_every), best_metric="cam_miou" if validator else None,
-      async_checkpoint=bool(config.checkpoint.async_save), mesh=mesh, name="cls",
-      run_identity=train.run_identity(config, ("cls", "model", "data")))
+      make_iterator=make_iterator, tx=tx, schedule=schedule, total_steps=steps, eval_fn=validator,
+      best_metric="cam_miou" if validator else None, mesh=mesh, name="cls",
+      run_identity=train.run_identity(config, ("cls", "model", "data")), **train.loop_options(config))
   best = result["best_eval"]
   fe = result["final_eval"]
   line = f"cls: {result['steps']} steps, final train loss {result['final_train'].get('loss', float('nan')):.4f}"

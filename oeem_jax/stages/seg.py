@@ -322,12 +322,9 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   identity["masks_sha256"] = _masks_digest(masks)
   result = train.train_loop(
       stage_dir=stage_dir, init_variables=init_variables, pretrained=load, loss_fn=loss_fn,
-      make_iterator=make_iterator, tx=tx, schedule=schedule, total_steps=steps, seed=int(config.seed),
-      checkpoint_every=int(config.checkpoint.every), keep=int(config.checkpoint.keep),
-      log_every=int(config.train.log_every), eval_fn=validator,
-      eval_every=int(config.train.eval_every), best_metric="miou" if validator else None,
-      async_checkpoint=bool(config.checkpoint.async_save), mesh=mesh, name="seg",
-      run_identity=identity)
+      make_iterator=make_iterator, tx=tx, schedule=schedule, total_steps=steps, eval_fn=validator,
+      best_metric="miou" if validator else None, mesh=mesh, name="seg",
+      run_identity=identity, **train.loop_options(config))
   fe, best = result["final_eval"], result["best_eval"]
   line = (f"seg ({config.seg.mask_source} masks, {config.seg.loss_kind}): {result['steps']} steps, "
           f"final train loss {result['final_train'].get('loss', float('nan')):.4f}")
