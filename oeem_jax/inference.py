@@ -247,3 +247,50 @@ def predict_probs(apply_fn: ApplyFn, image: np.ndarray, *,
 
   _run_passes(apply_fn, passes(), window=window, stride=stride, batch_size=batch_size)
   return total[0] / np.float32(len(scales) * (2 if flip else 1))
+
+
+def remove_small_regions(mask: np.ndarray, *, min_object_area: int = 0,
+                         max_hole_area: int = 0) -> np.ndarray:
+  """Optional post-processing of a binary gland mask: drop small objects, fill small holes.
+
+  Not in the paper or the reference code (both score the raw argmax); off by default in the paper
+  configuration. Small false-positive specks are what drags the GlaS *object* F1 down (each speck is
+  one false object), while pixel mIoU barely moves. Objects are 8-connected (as in
+  `oeem_jax.metrics.label_instances`), holes 4-connected (the dual); uses `skimage.morphology`.
+
+  Args:
+    mask: bool/uint8[H, W] binary prediction (non-zero = gland).
+    min_object_area: gland components with fewer pixels than this are set to non-gland (0 = keep
+      all). In pixels of the image as scored (GlaS: 20x, 0.62 µm/px).
+    max_hole_area: non-gland components enclosed by gland with fewer pixels than this are set to
+      gland (0 = fill none). GlaS annotations include the gland lumen in the gland.
+
+  Returns:
+    uint8[H, W] with values 0/1.
+
+  Raises:
+    ValueError: mask not 2-D, or a negative area.
+  """
+  from skimage import morphology
+
+  mask = np.asarray(mask)
+  if mask.ndim != 2:
+    raise ValueError(f"remove_small_regions: expected a 2-D mask, got shape {mask.shape}")
+  if min_object_area < 0 or max_hole_area < 0:
+    raise ValueError(f"remove_small_regions: areas must be >= 0, got min_object_area="
+                     f"{min_object_area}, max_hole_area={max_hole_area}")
+  out = mask > 0
+  # skimage >= 0.26 takes `max_size` (removes sizes <= max_size); older ones `min_size` (< min_size).
+  if min_object_area > 1:
+    out = _skimage_call(morphology.remove_small_objects, out, min_object_area, connectivity=2)
+  if max_hole_area > 1:
+    out = _skimage_call(morphology.remove_small_holes, out, max_hole_area, connectivity=1)
+  return out.astype(np.uint8)
+
+
+def _skimage_call(fn, mask: np.ndarray, area: int, **kwargs) -> np.ndarray:
+  """Calls a skimage small-region filter removing regions of fewer than `area` pixels."""
+  try:
+    return fn(mask, max_size=area - 1, **kwargs)
+  except TypeError:  # scikit-image < 0.26
+    return fn(mask, area, **kwargs)

@@ -196,3 +196,32 @@ def test_bad_inputs():
                                     window=8, stride=8, batch_size=1)
   with pytest.raises(ValueError, match=r"\[H, W, 3\]"):
     inference.sliding_window_logits(pointwise, np.zeros((8, 8), np.float32))
+
+
+def test_remove_small_regions_hand_worked():
+  m = np.zeros((8, 8), np.uint8)
+  m[0, 0] = 1                 # a 1-pixel speck: removed at min_object_area 2
+  m[0, 7] = m[1, 7] = 1       # a 2-pixel object: kept (not fewer than 2)
+  m[3:7, 3:7] = 1
+  m[4, 4] = 0                 # a 1-pixel hole: filled at max_hole_area 2
+  m[5, 5] = 0                 # a second 1-pixel hole (8-connected to the first only diagonally)
+  out = inference.remove_small_regions(m, min_object_area=2, max_hole_area=2)
+  want = np.zeros((8, 8), np.uint8)
+  want[0, 7] = want[1, 7] = 1
+  want[3:7, 3:7] = 1
+  assert out.dtype == np.uint8
+  np.testing.assert_array_equal(out, want)
+  # A 2-pixel hole survives max_hole_area 2 and is filled at 3; objects are 8-connected.
+  h = np.ones((5, 6), np.uint8)
+  h[2, 2] = h[2, 3] = 0
+  np.testing.assert_array_equal(inference.remove_small_regions(h, max_hole_area=2), h)
+  np.testing.assert_array_equal(inference.remove_small_regions(h, max_hole_area=3), np.ones_like(h))
+  diag = np.eye(3, dtype=bool)  # one 3-pixel object under 8-connectivity
+  np.testing.assert_array_equal(inference.remove_small_regions(diag, min_object_area=3), diag)
+  np.testing.assert_array_equal(inference.remove_small_regions(diag, min_object_area=4), 0 * diag)
+  # Zero areas change nothing; bad input is named.
+  np.testing.assert_array_equal(inference.remove_small_regions(m), m)
+  with pytest.raises(ValueError, match="2-D"):
+    inference.remove_small_regions(np.zeros((2, 2, 1)))
+  with pytest.raises(ValueError, match=">= 0"):
+    inference.remove_small_regions(m, min_object_area=-1)

@@ -88,6 +88,25 @@ def test_rerun_skips_finished_stages(demo_run):
   assert again["final_line"] == json.loads((workdir / "eval" / "summary.json").read_text())["final_line"]
 
 
+def test_eval_post_processing_is_applied(demo_run, tmp_path):
+  workdir, _ = demo_run
+  c = _config("eval", "demo")
+  c.data.cache_dir = json.loads((workdir / "pipeline" / "summary.json").read_text())["config"]["data"]["cache_dir"]
+  c.eval.seg_dir = str(workdir / "seg")
+  c.eval.overlays = False
+  c.eval.min_object_area = -1
+  with pytest.raises(ValueError, match="eval.min_object_area"):
+    stages.run_stage(c, tmp_path / "bad")
+  # Objects smaller than the whole image are all removed: every prediction is empty.
+  c.eval.min_object_area = 10**9
+  stages.run_stage(c, tmp_path / "pp")
+  preds = sorted((tmp_path / "pp" / "eval" / "predictions").glob("*.png"))
+  assert preds and all(not np.asarray(Image.open(p)).any() for p in preds)
+  m = json.loads((tmp_path / "pp" / "eval" / "metrics.json").read_text())
+  assert m["splits"]["test"]["object"]["num_pred_objects"] == 0
+  assert m["splits"]["test"]["pixel"]["iou"][1] == 0.0
+
+
 def test_unknown_stage_in_pipeline_is_refused(tmp_path):
   c = _config("pipeline", "demo")
   c.pipeline.stages = "cls,cams"

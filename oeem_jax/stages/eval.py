@@ -5,7 +5,9 @@ from `eval.seg_dir` (default WORKDIR/seg), predicts every image of `eval.splits`
 flip sliding-window inference (REFERENCE.md §6, `oeem_jax.inference.predict_probs`) and writes, in
 WORKDIR/eval/:
 
-* `predictions/<name>.png`: the predicted gland mask, 0 = non-gland, 255 = gland;
+* `predictions/<name>.png`: the predicted gland mask, 0 = non-gland, 255 = gland (argmax of the
+  averaged probabilities; with `eval.min_object_area` / `eval.max_hole_area` > 0, small gland
+  objects removed and small holes filled, `inference.remove_small_regions`);
 * `overlays/<name>.png`: the image with the gland contours of the prediction (green) and of the
   ground truth (blue);
 * `metrics.json`: pixel metrics (one dataset-wide confusion matrix) and GlaS object metrics for
@@ -78,7 +80,9 @@ def predict_split(apply_fn, examples, eval_cfg, out_dir: Path, normalize) -> dic
     probs = inference.predict_probs(
         apply_fn, ex.image, normalize=normalize, scales=scales, flip=bool(eval_cfg.flip),
         window=int(eval_cfg.window), stride=int(eval_cfg.stride), batch_size=int(eval_cfg.batch_size))
-    pred = np.argmax(probs, axis=-1).astype(np.uint8)
+    pred = inference.remove_small_regions(
+        np.argmax(probs, axis=-1), min_object_area=int(eval_cfg.min_object_area),
+        max_hole_area=int(eval_cfg.max_hole_area))
     preds[ex.name] = pred
     io_utils.atomic_write_png(out_dir / "predictions" / f"{ex.name}.png", pred * np.uint8(255))
     if eval_cfg.overlays:
@@ -108,7 +112,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
 
   Raises:
     FileNotFoundError: no segmenter checkpoint in `eval.seg_dir`.
-    ValueError: an unknown split name in `eval.splits`.
+    ValueError: an unknown split name in `eval.splits`, or a negative `eval.min_object_area` /
+      `eval.max_hole_area`.
   """
   from oeem_jax import train
   from oeem_jax.data import glas
@@ -116,6 +121,10 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   from oeem_jax.stages import seg as seg_stage
 
   eval_cfg = config.eval
+  for key in ("min_object_area", "max_hole_area"):
+    if int(eval_cfg[key]) < 0:
+      raise ValueError(f"config key 'eval.{key}': expected an area in pixels >= 0 (0 = off), got "
+                       f"{eval_cfg[key]}")
   seg_dir = Path(eval_cfg.seg_dir) if eval_cfg.seg_dir else stage_dir.parent / "seg"
   variables, step = train.load_variables(seg_dir, eval_cfg.checkpoint)
   logging.info("eval: restored %s checkpoint of step %d from %s", eval_cfg.checkpoint, step, seg_dir)
