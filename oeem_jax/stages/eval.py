@@ -1,6 +1,6 @@
 """Stage `eval`: predict the test images with the trained segmenter and score them.
 
-Restores the segmenter checkpoint (orbax; `eval.checkpoint`, default the best by validation mIoU)
+Restores the segmenter checkpoint (orbax; `eval.checkpoint`, default the final one, "latest")
 from `eval.seg_dir` (default WORKDIR/seg), predicts every image of `eval.splits` with multi-scale ×
 flip sliding-window inference (REFERENCE.md §6, `oeem_jax.inference.predict_probs`) and writes, in
 WORKDIR/eval/:
