@@ -40,6 +40,7 @@ def get_config(arg: str | None = None):
   c.stage_seg = _load("seg_oeem").get_config(train_arg)
   c.stage_eval = _load("eval").get_config(arg or None)
   if arg == "demo":
+    c.data.val_count = 3  # a quarter of the 12 synthetic train images (10 would be capped, with a note)
     for s in (c.stage_cls, c.stage_seg):
       s.train.log_every = 10
       s.checkpoint.every = 0
