@@ -12,8 +12,8 @@ from ImageNet (`--config.model.init_checkpoint=/path/res38d.pth`).
 
 Variants share this file through `get_seg_config`: configs/seg_ce.py (plain cross-entropy) and
 configs/seg_full.py (true masks). Arg `cpu`: width 0.125, 112 crops at random scale 0.5-1.5, batch 8,
-4,000 steps, evaluation every 500 steps with a 224/192 window, and (pseudo-mask runs) the backbone initialised
-from the stage-cls classifier in W/cls (`seg.backbone_init`; for another folder
+4,000 steps, evaluation every 500 steps with a 224/192 window, and (pseudo-mask runs) the backbone
+initialised from the stage-cls classifier in W/cls (`seg.backbone_init`; for another folder
 `--config.seg.backbone_init=DIR/cls`, for none `--config.seg.backbone_init=''`).
 
 Note: all seg variants write to WORKDIR/seg; give each its own --workdir (a mismatching run found
