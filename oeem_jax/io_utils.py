@@ -77,3 +77,12 @@ def atomic_write_png(path: str | os.PathLike, array: np.ndarray, palette: list[i
   buf = io.BytesIO()
   img.save(buf, format="PNG")
   return atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> Path:
+  """Writes a dict of arrays as an uncompressed .npz atomically (keys may contain '/')."""
+  import io
+
+  buf = io.BytesIO()
+  np.savez(buf, **arrays)
+  return atomic_write_bytes(path, buf.getvalue())

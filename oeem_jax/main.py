@@ -25,6 +25,7 @@ def main(argv):
   logging.get_absl_handler().use_absl_log_file = False
   from oeem_jax import stages  # import after flag parsing keeps --help fast
   from oeem_jax.data.glas import GlasDataError
+  from oeem_jax.models.import_torch import MissingExtraError
 
   from oeem_jax import train
 
@@ -35,8 +36,9 @@ def main(argv):
   train.setup_distributed(section.get("distributed", "auto"))
   try:
     summary = stages.run_stage(config, _WORKDIR.value)
-  except (GlasDataError, FileNotFoundError) as e:
-    # Bad input: one clear message instead of a traceback (nothing half-written was left).
+  except (GlasDataError, FileNotFoundError, MissingExtraError) as e:
+    # Bad input or a missing optional install: one clear message instead of a traceback (nothing
+    # half-written was left).
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
