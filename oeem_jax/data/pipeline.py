@@ -23,10 +23,13 @@ Normalisation (REFERENCE.md §1 table):
   agree to within 0.002.
 * segmentation: RGB in 0..255, `(x - SEG_MEAN) / SEG_STD` with the ImageNet statistics (mmseg's
   `to_rgb=True` with the RGB-ordered constants).
+* EfficientNet-Lite backbones, both stages: `(x - 127) / 128` on 0..255 RGB, what their ImageNet
+  weights were trained with (`input_stats`); the two above stay ResNet38's, as in the reference.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterator, Sequence
 
@@ -48,8 +51,30 @@ def _as_float32(x):
   return np.asarray(x, np.float32)
 
 
-def normalize_cls(image):
-  """Classification normalisation: `(image / 255 - CLS_MEAN) / CLS_STD`.
+Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
+
+
+def input_stats(backbone: str) -> Stats | None:
+  """(mean, std) on 0..255 RGB that `backbone`'s networks take in both stages, or None for ResNet38
+  (whose stages keep `normalize_cls` / `normalize_seg`, as the reference).
+
+  EfficientNet-Lite: (127, 127, 127) / (128, 128, 128), the preprocessing its ImageNet weights were
+  trained with (TensorFlow's EfficientNet-Lite builder).
+  """
+  if backbone.startswith("efficientnet_lite"):
+    return ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
+  return None
+
+
+def _normalize_stats(x, stats: Stats):
+  mean = np.asarray(stats[0], np.float32)
+  inv_std = np.float32(1.0) / np.asarray(stats[1], np.float32)
+  return (x - mean) * inv_std
+
+
+def normalize_cls(image, stats: Stats | None = None):
+  """Classification normalisation: `(image / 255 - CLS_MEAN) / CLS_STD`, or `(image - mean) / std`
+  with `stats` = (mean, std) on 0..255 RGB (`input_stats`).
 
   Args:
     image: uint8 (or float in 0..255) RGB [..., 3], NumPy, JAX or TF.
@@ -58,11 +83,14 @@ def normalize_cls(image):
     float32 [..., 3] of the same array type (values roughly in [-5, 2]).
   """
   x = _as_float32(image)
+  if stats is not None:
+    return _normalize_stats(x, stats)
   return (x * np.float32(1.0 / 255.0) - CLS_MEAN) / CLS_STD
 
 
-def normalize_seg(image):
-  """Segmentation normalisation: `(image - SEG_MEAN) / SEG_STD` (ImageNet statistics on 0..255 RGB).
+def normalize_seg(image, stats: Stats | None = None):
+  """Segmentation normalisation: `(image - SEG_MEAN) / SEG_STD` (ImageNet statistics on 0..255 RGB),
+  or `(image - mean) / std` with `stats` (`input_stats`).
 
   Args:
     image: uint8 (or float in 0..255) RGB [..., 3], NumPy, JAX or TF.
@@ -71,7 +99,17 @@ def normalize_seg(image):
     float32 [..., 3] of the same array type (values roughly in [-2.2, 2.7]).
   """
   x = _as_float32(image)
+  if stats is not None:
+    return _normalize_stats(x, stats)
   return (x - SEG_MEAN) / SEG_STD
+
+
+@functools.lru_cache(maxsize=None)
+def normalizer(kind: str, stats: Stats | None = None):
+  """One function object per (kind, stats): `normalize_cls` or `normalize_seg` with `stats` bound
+  (hashable, so jit caches keyed on it compile once)."""
+  fn = {"cls": normalize_cls, "seg": normalize_seg}[kind]
+  return fn if stats is None else functools.partial(fn, stats=stats)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +228,7 @@ def random_resized_crop_box(seeds: tf.Tensor, h: int, w: int, scale=(0.7, 1.0),
 
 
 def augment_tile(tile: tf.Tensor, seed: int, i, input_size: int = 224, scale=(0.7, 1.0),
-                 ratio=(3.0 / 4.0, 4.0 / 3.0)) -> tf.Tensor:
+                 ratio=(3.0 / 4.0, 4.0 / 3.0), stats: Stats | None = None) -> tf.Tensor:
   """Classification augmentation of one tile (REFERENCE.md §2 "Training"), seeded by (seed, i).
 
   RandomResizedCrop (scale, aspect `ratio`) resized bilinearly (half-pixel centres, no antialias) to
@@ -211,13 +249,14 @@ def augment_tile(tile: tf.Tensor, seed: int, i, input_size: int = 224, scale=(0.
   x = tf.cond(flips[0] < 0.5, lambda: tf.reverse(x, [1]), lambda: x)
   x = tf.cond(flips[1] < 0.5, lambda: tf.reverse(x, [0]), lambda: x)
   x.set_shape((input_size, input_size, 3))
-  return normalize_cls(x)
+  return normalize_cls(x, stats)
 
 
 def cls_dataset(tiles: np.ndarray, labels: np.ndarray, *, input_size: int = 224, global_batch_size: int,
                 seed: int, start_step: int = 0, process_index: int = 0, process_count: int = 1,
                 scale: tuple[float, float] = (0.7, 1.0),
-                ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)) -> tf.data.Dataset:
+                ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
+                stats: Stats | None = None) -> tf.data.Dataset:
   """Infinite classification stream of augmented tiles (paper §3.1, REFERENCE.md §2).
 
   Args:
@@ -229,6 +268,7 @@ def cls_dataset(tiles: np.ndarray, labels: np.ndarray, *, input_size: int = 224,
     start_step: first global step to produce (exact resume).
     process_index, process_count: this host's slice of each global batch (`jax.process_index()`,
       `jax.process_count()`).
+    stats: (mean, std) on 0..255 RGB for `normalize_cls` (None = GlaS statistics; `input_stats`).
 
   Returns:
     tf.data.Dataset of {"image": float32[B/P, S, S, 3] (normalize_cls), "label": float32[B/P, 2]}.
@@ -257,7 +297,7 @@ def cls_dataset(tiles: np.ndarray, labels: np.ndarray, *, input_size: int = 224,
       tf.TensorSpec((), tf.int64), tf.TensorSpec(tiles.shape[1:], tf.uint8), tf.TensorSpec((2,), tf.float32)))
 
   def aug(i, tile, label):
-    return {"image": augment_tile(tile, seed, i, input_size, scale, ratio), "label": label}
+    return {"image": augment_tile(tile, seed, i, input_size, scale, ratio, stats), "label": label}
 
   ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   return _finish(ds, local)
@@ -311,8 +351,8 @@ def _scaled_window(length: tf.Tensor, r: tf.Tensor, crop: int) -> tuple[tf.Tenso
 
 
 def augment_seg(image: tf.Tensor, mask: tf.Tensor, seed: int, i, crop_size: int = 256,
-                scale_range: tuple[float, float] = (0.75, 3.0), photometric: bool = True
-                ) -> tuple[tf.Tensor, tf.Tensor]:
+                scale_range: tuple[float, float] = (0.75, 3.0), photometric: bool = True,
+                stats: Stats | None = None) -> tuple[tf.Tensor, tf.Tensor]:
   """Segmentation augmentation of one full image (REFERENCE.md §4 steps 1-6), seeded by (seed, i).
 
   1.-2. random scale r ~ U(scale_range) and random crop_size crop, computed as "crop a window of
@@ -348,7 +388,7 @@ def augment_seg(image: tf.Tensor, mask: tf.Tensor, seed: int, i, crop_size: int 
   msk = tf.cond(flip, lambda: tf.reverse(msk, [1]), lambda: msk)
   if photometric:
     img = photometric_distortion(img, s[3:10])
-  img = normalize_seg(img)
+  img = normalize_seg(img, stats)
   pad = [[0, crop_size - oh], [0, crop_size - ow]]
   img = tf.pad(img, pad + [[0, 0]])
   msk = tf.pad(tf.cast(msk, tf.int32), pad, constant_values=IGNORE_INDEX)
@@ -360,7 +400,7 @@ def augment_seg(image: tf.Tensor, mask: tf.Tensor, seed: int, i, crop_size: int 
 def seg_dataset(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, crop_size: int = 256,
                 scale_range: tuple[float, float] = (0.75, 3.0), global_batch_size: int, seed: int,
                 start_step: int = 0, process_index: int = 0, process_count: int = 1,
-                photometric: bool = True) -> tf.data.Dataset:
+                photometric: bool = True, stats: Stats | None = None) -> tf.data.Dataset:
   """Infinite segmentation stream of augmented crops (REFERENCE.md §4 "Training pipeline").
 
   Args:
@@ -371,6 +411,7 @@ def seg_dataset(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, cr
     scale_range: range of the random rescale factor r relative to the original image.
     global_batch_size, seed, start_step, process_index, process_count: as `cls_dataset`.
     photometric: apply `photometric_distortion` (the reference does).
+    stats: (mean, std) on 0..255 RGB for `normalize_seg` (None = ImageNet statistics; `input_stats`).
 
   Returns:
     tf.data.Dataset of {"image": float32[B/P, crop, crop, 3] (normalize_seg; 0 in padding),
@@ -408,7 +449,7 @@ def seg_dataset(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, cr
       tf.TensorSpec((None, None), tf.uint8)))
 
   def aug(i, image, mask):
-    img, msk = augment_seg(image, mask, seed, i, crop_size, scale_range, photometric)
+    img, msk = augment_seg(image, mask, seed, i, crop_size, scale_range, photometric, stats)
     return {"image": img, "mask": msk}
 
   ds = ds.map(aug, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)

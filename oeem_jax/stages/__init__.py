@@ -79,25 +79,81 @@ def training_config(train_stage_dir: str | Path,
     return ml_collections.ConfigDict(json.load(f)["config"])
 
 
-def imagenet_init_hook(config: ml_collections.ConfigDict, stage: str):
-  """The `train_loop(pretrained=...)` hook that loads `model.init_checkpoint` (the reference's
-  ImageNet `res38d.pth`, non-strictly, REFERENCE.md §2/§4), or None when that key is empty.
+class ImageNetInit:
+  """`train_loop(pretrained=...)` hook loading `model.init_checkpoint` into the backbone.
+
+  ResNet38: the reference's `res38d.pth` (`import_torch.load_res38d`); EfficientNet-Lite0: the name
+  "efficientnet_lite0" or a .pth path (`import_torch.load_efficientnet_lite`, converted once and
+  cached under the data cache). Non-strict, as the reference (paper §2.3, docs: ImageNet heads
+  dropped). After a call, `report` holds the counts and the names of the missing / unexpected keys
+  for the stage summary.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, stage: str):
+    from oeem_jax.models import classifier
+
+    self.stage = stage
+    self.spec = str(config.model.init_checkpoint)
+    self.backbone = classifier.check_backbone(str(config.model.get("backbone", "resnet38")))
+    self.cache_dir = None
+    self.report: dict[str, Any] = {}
+    if self.backbone == "resnet38":
+      path = Path(self.spec).expanduser()
+      if not path.is_file():
+        raise FileNotFoundError(f"config key model.init_checkpoint: {path} does not exist (expected "
+                                "the reference's res38d.pth for model.backbone 'resnet38')")
+    else:
+      from oeem_jax.data.glas import cache_root
+      from oeem_jax.models.import_torch import resolve_pretrained
+
+      resolve_pretrained(self.spec)  # fail before any training starts: missing package or file
+      self.cache_dir = cache_root(config.data)
+
+  def __call__(self, variables):
+    from oeem_jax.models import import_torch
+
+    if self.backbone == "resnet38":
+      new, report = import_torch.load_res38d(self.spec, variables)
+    else:
+      new, report = import_torch.load_efficientnet_lite(self.spec, variables, cache_dir=self.cache_dir)
+    self.report = {"source": self.spec, "backbone": self.backbone,
+                   "num_used": len(report["used"]), "missing": report["missing"],
+                   "unexpected": report["unexpected"]}
+    logging.info("%s: loaded %d ImageNet tensors from %s into the %s backbone (missing %d, "
+                 "unexpected %d: %s)", self.stage, len(report["used"]), self.spec, self.backbone,
+                 len(report["missing"]), len(report["unexpected"]),
+                 ", ".join(report["unexpected"][:4]) + (" ..." if len(report["unexpected"]) > 4 else ""))
+    return new
+
+
+def imagenet_init_hook(config: ml_collections.ConfigDict, stage: str) -> ImageNetInit | None:
+  """An `ImageNetInit` hook for `model.init_checkpoint`, or None when that key is empty.
 
   Raises:
     FileNotFoundError: `model.init_checkpoint` names a file that does not exist.
+    ImportError: a named weight package (or torch) is not installed; the message gives the pip command.
+    ValueError: unknown `model.backbone`.
   """
   if not config.model.get("init_checkpoint", ""):
     return None
-  path = Path(config.model.init_checkpoint).expanduser()
-  if not path.is_file():
-    raise FileNotFoundError(f"config key model.init_checkpoint: {path} does not exist")
+  return ImageNetInit(config, stage)
 
-  def load_weights(variables):
-    from oeem_jax.models.import_torch import load_res38d
 
-    new, report = load_res38d(path, variables)
-    logging.info("%s: loaded %d tensors from %s (missing %d, unexpected %d)", stage,
-                 len(report["used"]), path, len(report["missing"]), len(report["unexpected"]))
-    return new
+BN_MODES = ("auto", "frozen", "train")
 
-  return load_weights
+
+def bn_frozen(config: ml_collections.ConfigDict, stage: str) -> bool:
+  """Whether the backbone's BN stays on its running statistics (and gamma/beta are frozen).
+
+  `model.bn`: "auto" = frozen in the classifier when it starts from ImageNet weights (the reference),
+  trained otherwise and always in the segmenter; "frozen" / "train" = that, in both stages.
+
+  Raises:
+    ValueError: another value of `model.bn`.
+  """
+  mode = str(config.model.get("bn", "auto"))
+  if mode not in BN_MODES:
+    raise ValueError(f"config key model.bn is {mode!r}; expected one of {', '.join(BN_MODES)}")
+  if mode == "auto":
+    return stage == "cls" and bool(config.model.get("init_checkpoint", ""))
+  return mode == "frozen"

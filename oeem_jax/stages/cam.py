@@ -58,6 +58,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   from oeem_jax.stages import training_config
   trained = training_config(cls_dir, config)
   model = cls_stage.make_model(trained)
+  from oeem_jax.data.pipeline import normalizer
+  normalize = normalizer("cls", cls_stage.input_stats(trained))
   variables = jax.device_put(variables)
 
   def cam_fn(params, x):
@@ -85,7 +87,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
                                     float(data_cfg.label_threshold))
     masked, unmasked = pseudo_mask.tile_pseudo_masks(
         img_tiles, labels, cam_fn, cam_params=variables, batch_size=int(cam_cfg.batch_size),
-        scales=scales, cam_input=int(trained.cls.input_size), return_unmasked=True)
+        scales=scales, cam_input=int(trained.cls.input_size), return_unmasked=True,
+        normalize=normalize)
     pseudo = tiles_lib.stitch_masks(masked, boxes, h, w)
     cam_mask = tiles_lib.stitch_masks(unmasked, boxes, h, w)
     truth = (ex.mask > 0).astype(np.int64)

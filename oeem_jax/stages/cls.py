@@ -7,10 +7,12 @@ GlaS train are held back) with their multi-hot patch labels [non-gland, gland] f
 (`oeem_jax.data.tiles`), streamed by `oeem_jax.data.pipeline.cls_dataset` (random resized crop to
 `cls.input_size`, flips, GlaS normalisation). Loss: BCE with logits (`oeem_jax.losses.bce_with_logits`).
 
-Model: `CAMClassifier` (ResNet-38d, B7 dilation 2). From scratch, BatchNorm trains (batch statistics,
-synchronised over the global batch). With `model.init_checkpoint` (the reference's ImageNet
-`res38d.pth`) the backbone is loaded non-strictly and, as in the reference, every BN runs on its
-running statistics with gamma/beta frozen and the stem `conv1a` is frozen (optimizer mask).
+Model: `CAMClassifier` (`model.backbone`: ResNet-38d with B7 dilation 2, or EfficientNet-Lite0 at
+output stride 8). From scratch, BatchNorm trains (batch statistics, synchronised over the global
+batch). With `model.init_checkpoint` (the reference's ImageNet `res38d.pth`, or "efficientnet_lite0")
+the backbone is loaded non-strictly and, as in the reference (`model.bn` "auto"), every BN runs on
+its running statistics with gamma/beta frozen and the stem (`conv1a` / `conv_stem`) is frozen
+(optimizer mask); `model.bn = "train"` trains BN instead.
 
 Validation every `train.eval_every` steps and at the end, on the validation images only (never
 test): tile-label F1 (sigmoid > 0.5 against the true patch labels) and CAM mIoU (single-scale CAM of
@@ -38,9 +40,6 @@ from oeem_jax.data import tiles as tiles_lib
 from oeem_jax.pseudo_mask import label_masked_argmax
 from oeem_jax.stages import imagenet_init_hook
 
-TILE = 112
-
-
 def uses_pretrained(config: ml_collections.ConfigDict) -> bool:
   """True when `model.init_checkpoint` names ImageNet weights (BN and stem are then frozen)."""
   return bool(config.model.get("init_checkpoint", ""))
@@ -49,14 +48,22 @@ def uses_pretrained(config: ml_collections.ConfigDict) -> bool:
 def make_model(config: ml_collections.ConfigDict, *, bn_frozen: bool | None = None):
   """The stage's `CAMClassifier` from `config.model` / `config.cls` (defaults when `cls` is absent).
 
-  `bn_frozen` defaults to `uses_pretrained(config)`.
+  `bn_frozen` defaults to `stages.bn_frozen(config, "cls")` (config key model.bn).
   """
   from oeem_jax.models import CAMClassifier
+  from oeem_jax.stages import bn_frozen as bn_mode
   cls_cfg = config.get("cls", ml_collections.ConfigDict())
   return CAMClassifier(width=float(config.model.width), num_classes=int(cls_cfg.get("num_classes", 2)),
                        b7_dilation=int(cls_cfg.get("b7_dilation", 2)),
-                       bn_frozen=uses_pretrained(config) if bn_frozen is None else bn_frozen,
-                       dtype=jnp.dtype(config.model.get("dtype", "float32")))
+                       bn_frozen=bn_mode(config, "cls") if bn_frozen is None else bn_frozen,
+                       dtype=jnp.dtype(config.model.get("dtype", "float32")),
+                       backbone_name=str(config.model.get("backbone", "resnet38")))
+
+
+def input_stats(config: ml_collections.ConfigDict):
+  """Normalisation (mean, std) of the configured backbone, None for ResNet38's defaults."""
+  from oeem_jax.data.pipeline import input_stats as stats_of
+  return stats_of(str(config.model.get("backbone", "resnet38")))
 
 
 def build_tiles(examples: Sequence[Any], data_cfg) -> tuple[np.ndarray, np.ndarray]:
@@ -110,10 +117,11 @@ class Validator:
     batch_size: tiles per jitted call (rounded up to a multiple of the device count).
     mesh: device mesh; tiles are sharded over its "data" axis.
     num_images: validation images rendered for TensorBoard.
+    stats: input normalisation (mean, std) on 0..255 RGB; None = `normalize_cls`'s GlaS statistics.
   """
 
   def __init__(self, model, examples, data_cfg, *, input_size: int, batch_size: int, mesh,
-               num_images: int = 3):
+               num_images: int = 3, stats=None):
     from oeem_jax.data.pipeline import normalize_cls
     self.examples = list(examples)
     self.size, self.stride = int(data_cfg.tile_size), int(data_cfg.tile_stride)
@@ -130,7 +138,7 @@ class Validator:
     size = self.size
 
     def cam_fn(variables, tiles, labels):
-      x = normalize_cls(tiles.astype(jnp.float32))
+      x = normalize_cls(tiles.astype(jnp.float32), stats)
       n = x.shape[0]
       if input_size != size:
         x = jax.image.resize(x, (n, input_size, input_size, 3), "bilinear", antialias=False)
@@ -242,12 +250,13 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
                       train=False)
 
   mask = None
-  load = None  # pretrained-weights hook for train_loop
-  if pretrained:
+  load = imagenet_init_hook(config, "cls")  # pretrained-weights hook for train_loop (or None)
+  if model.bn_frozen:
+    # Frozen BN: gamma/beta frozen too, and with ImageNet weights the stem (the reference).
     from oeem_jax.models import trainable_mask
     abstract = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
-    mask = trainable_mask(abstract["params"], freeze_stem=True, freeze_bn=True)
-    load = imagenet_init_hook(config, "cls")
+    mask = trainable_mask(abstract["params"], freeze_stem=pretrained, freeze_bn=True)
+  stats = input_stats(config)
 
   tx, schedule = train.optimizer_from_config(config.train, steps, trainable_mask=mask)
 
@@ -255,7 +264,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
 
   def make_iterator(start_step):
     ds = pipeline.cls_dataset(tiles, labels, input_size=input_size, global_batch_size=batch,
-                              seed=int(config.seed), start_step=start_step,
+                              seed=int(config.seed), start_step=start_step, stats=stats,
                               process_index=jax.process_index(), process_count=jax.process_count())
     # Finite: nothing is left in flight when training ends (tearing down a busy tf.data pipeline
     # can take tens of seconds).
@@ -266,7 +275,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   if data.splits["val"]:
     validator = Validator(model, data.splits["val"], config.data, input_size=input_size,
                           batch_size=int(config.cls.eval_batch_size), mesh=mesh,
-                          num_images=int(config.cls.num_eval_images))
+                          num_images=int(config.cls.num_eval_images), stats=stats)
   else:
     logging.warning("cls: no validation images (data.val_count = 0): no evaluation, no best checkpoint")
 
@@ -287,6 +296,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
       "val_names": data.val_names,
       "synthetic_data": data.synthetic,
       "pretrained": pretrained,
+      "pretrained_report": load.report if load is not None else {},
+      "bn_frozen": bool(model.bn_frozen),
       "final_line": line,
   })
   return result

@@ -117,7 +117,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   """
   from oeem_jax import train
   from oeem_jax.data import glas
-  from oeem_jax.data.pipeline import normalize_seg
+  from oeem_jax.data.pipeline import normalizer
   from oeem_jax.stages import seg as seg_stage
 
   eval_cfg = config.eval
@@ -129,7 +129,9 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   variables, step = train.load_variables(seg_dir, eval_cfg.checkpoint)
   logging.info("eval: restored %s checkpoint of step %d from %s", eval_cfg.checkpoint, step, seg_dir)
   from oeem_jax.stages import training_config
-  model = seg_stage.make_model(training_config(seg_dir, config))
+  trained = training_config(seg_dir, config)
+  model = seg_stage.make_model(trained)
+  normalize = normalizer("seg", seg_stage.input_stats(trained))
   apply_fn = make_apply_fn(model, variables)
 
   data = glas.load_splits(config.data)
@@ -143,7 +145,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   for s in splits:
     for ex in data.splits[s]:
       wanted.setdefault(ex.name, ex)
-  preds = predict_split(apply_fn, list(wanted.values()), eval_cfg, stage_dir, normalize_seg)
+  preds = predict_split(apply_fn, list(wanted.values()), eval_cfg, stage_dir, normalize)
 
   # Score each image once; a split's metrics pool its images' counts (test = test_a + test_b).
   scores = {name: metrics.score_image(preds[name], ex.mask, name) for name, ex in wanted.items()}

@@ -46,10 +46,19 @@ MASK_SOURCES = ("pseudo", "true")
 def make_model(config: ml_collections.ConfigDict):
   """The stage's `PSPNet` from `config.model` / `config.seg` (defaults when `seg` is absent)."""
   from oeem_jax.models import PSPNet
+  from oeem_jax.stages import bn_frozen
   seg_cfg = config.get("seg", ml_collections.ConfigDict())
   return PSPNet(width=float(config.model.width), num_classes=int(seg_cfg.get("num_classes", 2)),
                 b7_dilation=int(seg_cfg.get("b7_dilation", 4)),
-                dtype=jnp.dtype(config.model.get("dtype", "float32")))
+                dtype=jnp.dtype(config.model.get("dtype", "float32")),
+                backbone_name=str(config.model.get("backbone", "resnet38")),
+                backbone_bn_frozen=bn_frozen(config, "seg"))
+
+
+def input_stats(config: ml_collections.ConfigDict):
+  """Normalisation (mean, std) of the configured backbone, None for ResNet38's ImageNet defaults."""
+  from oeem_jax.data.pipeline import input_stats as stats_of
+  return stats_of(str(config.model.get("backbone", "resnet38")))
 
 
 def pseudo_dir(config: ml_collections.ConfigDict, stage_dir: Path) -> Path:
@@ -121,13 +130,14 @@ class Validator:
     batch_size: windows per jitted call (rounded up to a multiple of the device count).
     mesh: device mesh (windows sharded over "data").
     num_images: validation images rendered for TensorBoard.
+    stats: input normalisation (mean, std) on 0..255 RGB; None = ImageNet statistics (`normalize_seg`).
   """
 
   def __init__(self, model, examples, *, window: int, stride: int, batch_size: int, mesh,
-               num_images: int = 3):
+               num_images: int = 3, stats=None):
     from oeem_jax.data.pipeline import normalize_seg
     self.examples = list(examples)
-    self.inputs = [np.asarray(normalize_seg(ex.image), np.float32) for ex in self.examples]
+    self.inputs = [np.asarray(normalize_seg(ex.image, stats), np.float32) for ex in self.examples]
     self.window, self.stride = int(window), int(stride)
     self.batch = -(-int(batch_size) // mesh.size) * mesh.size
     self.mesh = mesh
@@ -294,7 +304,13 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
 
   load = init_hook(config, stage_dir)  # pretrained-weights hook for train_loop
 
-  tx, schedule = train.optimizer_from_config(config.train, steps)
+  mask = None
+  if model.backbone_bn_frozen:
+    from oeem_jax.models import trainable_mask
+    abstract = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
+    mask = trainable_mask(abstract["params"], freeze_stem=False, freeze_bn=True, only_under="backbone")
+  stats = input_stats(config)
+  tx, schedule = train.optimizer_from_config(config.train, steps, trainable_mask=mask)
   loss_fn = make_loss_fn(model, config.seg)
 
   def make_iterator(start_step):
@@ -302,7 +318,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
                               scale_range=(float(config.seg.scale_min), float(config.seg.scale_max)),
                               global_batch_size=batch, seed=int(config.seed), start_step=start_step,
                               process_index=jax.process_index(), process_count=jax.process_count(),
-                              photometric=bool(config.seg.photometric))
+                              photometric=bool(config.seg.photometric), stats=stats)
     # Finite: nothing is left in flight when training ends (tearing down a busy tf.data pipeline
     # can take tens of seconds).
     return ds.take(max(steps - start_step, 0)).as_numpy_iterator()
@@ -313,7 +329,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
     validator = Validator(model, data.splits["val"], window=int(config.seg.eval_window),
                           stride=int(config.seg.eval_stride),
                           batch_size=int(config.seg.eval_batch_size), mesh=mesh,
-                          num_images=int(config.seg.num_eval_images))
+                          num_images=int(config.seg.num_eval_images), stats=stats)
   else:
     logging.warning("seg: no validation images (data.val_count = 0): no evaluation, no best checkpoint")
 
@@ -335,6 +351,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
       "num_train_images": len(examples),
       "mask_source": config.seg.mask_source,
       "loss_kind": config.seg.loss_kind,
+      "pretrained_report": getattr(load, "report", {}),
+      "backbone_bn_frozen": bool(model.backbone_bn_frozen),
       "val_names": data.val_names,
       "synthetic_data": data.synthetic,
       "final_line": line,
