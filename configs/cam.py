@@ -7,7 +7,8 @@ Reads the classifier from W/cls (best checkpoint by validation CAM mIoU; the net
 W/cls/summary.json), writes W/cam/pseudo_masks/<name>.png (0/1) and previews (0/255), and reports
 the CAM and pseudo-mask mIoU on the training images (paper Table 2).
 
-Arg `cpu`: scales 1 and 1.5 only (5 sub-tiles per tile instead of 27); `demo`: single scale.
+Arg `cpu` (EfficientNet-Lite0 classifier): scale 1 only; `cpu_scratch` (ResNet38 w0.125): scales 1
+and 1.5 (5 sub-tiles per tile instead of 27); `demo`: single scale.
 """
 
 import ml_collections
@@ -31,16 +32,19 @@ def get_config(arg: str | None = None):
   config_base.add_model_config(c, width=1.0)
   config_base.add_cls_config(c)
   add_cam_config(c)
-  if arg == "cpu":
+  if arg in ("cpu", "cpu_scratch"):
     c.model.width = 0.125
     c.cls.input_size = 112
-    # 1 + 4 sub-tiles per tile instead of 27: the 5-scale CAM of the 85 training images takes ~50 min
-    # on 2 CPU cores, these two scales ~10 min.
+    # 1 + 4 sub-tiles per tile instead of 27 (docs: CPU run times).
     c.cam.scales = (1.0, 1.5)
+  if arg == "cpu":
+    config_base.use_pretrained_efficientnet(c)
+    c.cam.scales = (1.0,)
   elif arg == "demo":
     c.model.width = 0.125
     c.cls.input_size = 112
     c.cam.scales = (1.0,)
-  elif arg:
-    raise ValueError(f"configs/cam.py: unknown argument {arg!r}; expected nothing, 'cpu' or 'demo'")
+  elif arg not in (None, "", "cpu", "cpu_scratch"):
+    raise ValueError(f"configs/cam.py: unknown argument {arg!r}; expected nothing, 'cpu', "
+                     "'cpu_scratch' or 'demo'")
   return c

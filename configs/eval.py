@@ -9,9 +9,9 @@ to score another run), writes W/eval/predictions/<name>.png (0/255), overlays/, 
 per_image.csv.
 
 Default = the paper: scales 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3 with horizontal flips, window 320 at
-stride 256, no post-processing. Arg `cpu`: scales 0.75, 1, 1.25 with flips (the CPU segmenter is
-trained on 112 crops), gland objects and holes under 500 px removed / filled; `demo`: single scale,
-no flip.
+stride 256, no post-processing. Arg `cpu` (and `cpu_scratch`, the same for the ResNet38-from-scratch
+run): scales 0.75, 1, 1.25 with flips (the CPU segmenter is trained on 112 crops), window 224 at
+stride 192, gland objects and holes under 500 px removed / filled; `demo`: single scale, no flip.
 """
 
 import ml_collections
@@ -46,7 +46,7 @@ def get_config(arg: str | None = None):
   config_base.add_model_config(c, width=1.0)
   config_base.add_seg_config(c)
   add_eval_config(c)
-  if arg == "cpu":
+  if arg in ("cpu", "cpu_scratch"):
     c.model.width = 0.125
     c.eval.scales = (0.75, 1.0, 1.25)
     c.eval.window = 224
@@ -54,6 +54,8 @@ def get_config(arg: str | None = None):
     # < 1 % of the 769 annotated training glands are smaller than 500 px (1st percentile 576 px).
     c.eval.min_object_area = 500
     c.eval.max_hole_area = 500
+    if arg == "cpu":
+      config_base.use_pretrained_efficientnet(c)
   elif arg == "demo":
     c.model.width = 0.125
     c.eval.scales = (1.0,)
@@ -62,5 +64,6 @@ def get_config(arg: str | None = None):
     c.eval.stride = 96
     c.eval.batch_size = 4
   elif arg:
-    raise ValueError(f"configs/eval.py: unknown argument {arg!r}; expected nothing, 'cpu' or 'demo'")
+    raise ValueError(f"configs/eval.py: unknown argument {arg!r}; expected nothing, 'cpu', "
+                     "'cpu_scratch' or 'demo'")
   return c

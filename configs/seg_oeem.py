@@ -11,10 +11,13 @@ momentum 0.9, weight decay 5e-4, auxiliary head weight 0.4. The reference initia
 from ImageNet (`--config.model.init_checkpoint=/path/res38d.pth`).
 
 Variants share this file through `get_seg_config`: configs/seg_ce.py (plain cross-entropy) and
-configs/seg_full.py (true masks). Arg `cpu`: width 0.125, 112 crops at random scale 0.5-1.5, batch 8,
-4,000 steps, evaluation every 500 steps with a 224/192 window, and (pseudo-mask runs) the backbone
-initialised from the stage-cls classifier in W/cls (`seg.backbone_init`; for another folder
-`--config.seg.backbone_init=DIR/cls`, for none `--config.seg.backbone_init=''`).
+configs/seg_full.py (true masks). Arg `cpu`: PSPNet on EfficientNet-Lite0 from its ImageNet weights
+(`model.init_checkpoint="efficientnet_lite0"`, BN trained as the reference does), heads at width 0.25
+(128 / 64 channels), 112 crops at random scale 0.5-1.5, batch 8, 1,200 steps, evaluation every 300
+steps with a 224/192 window. Arg `cpu_scratch` (the previous CPU run): ResNet38 width 0.125, 4,000
+steps, evaluation every 500, and (pseudo-mask runs) the backbone initialised from the stage-cls
+classifier in W/cls (`seg.backbone_init`; for another folder `--config.seg.backbone_init=DIR/cls`,
+for none `--config.seg.backbone_init=''`).
 
 Note: all seg variants write to WORKDIR/seg; give each its own --workdir (a mismatching run found
 there is refused, not resumed).
@@ -30,7 +33,7 @@ def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str):
                                end_lr=1e-4, eval_every=1000, log_every=50)
   config_base.add_checkpoint_config(c, every=1000, keep=2)
   config_base.add_seg_config(c, loss_kind=loss_kind, mask_source=mask_source)
-  if arg == "cpu":
+  if arg in ("cpu", "cpu_scratch"):
     c.model.width = 0.125
     c.seg.crop_size = 112
     c.seg.eval_window = 224
@@ -51,8 +54,15 @@ def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str):
     # (patch labels only) in WORKDIR/cls; a from-scratch PSPNet barely learns in this budget.
     # The fully supervised run has no cls stage of its own: pass --config.seg.backbone_init=DIR.
     c.seg.backbone_init = "cls" if mask_source == "pseudo" else ""
-  elif arg:
-    raise ValueError(f"seg configs: unknown argument {arg!r}; expected nothing or 'cpu'")
+  if arg == "cpu":
+    config_base.use_pretrained_efficientnet(c)
+    c.model.width = 0.25
+    c.seg.backbone_init = ""
+    c.train.steps = 1200
+    c.train.eval_every = 300
+    c.checkpoint.every = 300
+  elif arg not in (None, "", "cpu_scratch"):
+    raise ValueError(f"seg configs: unknown argument {arg!r}; expected nothing, 'cpu' or 'cpu_scratch'")
   return c
 
 
