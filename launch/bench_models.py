@@ -51,7 +51,9 @@ sys.path.insert(0, str(REPO))
 from oeem_jax.models import CAMClassifier, PSPNet, freeze_frozen  # noqa: E402
 from oeem_jax.models import resnet38  # noqa: E402
 
-SHAPES = {"cls": (4, 112), "cls224": (4, 224), "psp": (2, 256)}
+SHAPES = {"cls": (4, 112), "cls224": (4, 224), "psp": (2, 256),
+          # the :cpu configurations' training batches (configs/cls.py:cpu, configs/seg_oeem.py:cpu)
+          "cls_cpu": (20, 112), "psp_cpu": (8, 112), "psp_paper": (32, 256), "cls_paper": (20, 224)}
 
 
 @dataclasses.dataclass
@@ -106,16 +108,16 @@ def _host_fill(abstract, seed: int = 0):
 
 
 def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict], conv_impl: str = "auto",
-                 seed: int = 0) -> Run:
+                 seed: int = 0, backbone: str = "resnet38") -> Run:
   batch, size = SHAPES[kind]
   dt = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[dtype]
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
   x = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, size, size, 3), dtype=np.float32))
   if kind.startswith("cls"):
-    model = CAMClassifier(width=width, bn_frozen=True, dtype=dt)
+    model = CAMClassifier(width=width, bn_frozen=True, dtype=dt, backbone_name=backbone)
     y = jnp.asarray(np.random.default_rng(seed + 1).integers(0, 2, (batch, 2)).astype(np.float32))
   else:
-    model = PSPNet(width=width, dtype=dt)
+    model = PSPNet(width=width, dtype=dt, backbone_name=backbone)
     y = jnp.asarray(np.random.default_rng(seed + 1).integers(0, 2, (batch, size, size)))
   abstract = jax.eval_shape(lambda: model.init(rngs, jnp.zeros((1, 32, 32, 3)), train=False))
   variables = _host_fill(abstract, seed)
@@ -142,7 +144,7 @@ def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict],
     return optax.apply_updates(params, updates), batch_stats, opt_state, loss
 
   vname, opts = variant
-  name = (f"jax {kind} w{width:g} {batch}x{size}^2 {dtype} conv={conv_impl}"
+  name = (f"jax {backbone} {kind} w{width:g} {batch}x{size}^2 {dtype} conv={conv_impl}"
           + ("" if vname == "base" else f" [{vname}]"))
   resnet38.set_conv_impl(conv_impl)  # read while tracing (lower) below
   jitted = jax.jit(train_step, donate_argnums=(0, 1, 2))
@@ -168,32 +170,39 @@ def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict],
   return Run(name, step, compile_s, float(ca.get("flops", float("nan"))), float(mem))
 
 
-def make_torch_run(kind: str, width: float, seed: int = 0) -> Run:
-  """The same step in PyTorch (tests/test_torch_parity.py networks), NCHW, float32."""
-  import torch  # noqa: PLC0415
-
-  spec = importlib.util.spec_from_file_location("torch_parity", REPO / "tests" / "test_torch_parity.py")
+def _load_test_module(name: str):
+  spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{name}.py")
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
+  return mod
+
+
+def make_torch_run(kind: str, width: float, seed: int = 0, backbone: str = "resnet38") -> Run:
+  """The same step in PyTorch (tests/test_torch_parity.py networks; for EfficientNet-Lite0
+  tests/torch_efficientnet.py on `efficientnet_lite_pytorch`), NCHW, float32."""
+  import torch  # noqa: PLC0415
+
+  mod = _load_test_module("test_torch_parity")
+  eff = _load_test_module("torch_efficientnet") if backbone != "resnet38" else None
   batch, size = SHAPES[kind]
   torch.manual_seed(seed)
   x = torch.randn(batch, 3, size, size)
   if kind.startswith("cls"):
-    net = mod.TorchCAMClassifier(width)
+    net = mod.TorchCAMClassifier(width) if eff is None else eff.TorchEffCAMClassifier()
     net.train()
     frozen = []
     for name, m in net.named_modules():
       if isinstance(m, torch.nn.BatchNorm2d):
         m.eval()
         frozen += list(m.parameters())
-    frozen += list(net.backbone.conv1a.parameters())
+    frozen += list((net.backbone.conv1a if eff is None else net.backbone._conv_stem).parameters())
     for p in frozen:
       p.requires_grad_(False)
     y = torch.randint(0, 2, (batch, 2)).float()
     loss_fn = lambda: torch.nn.functional.binary_cross_entropy_with_logits(net(x), y)  # noqa: E731
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
   else:
-    net = mod.TorchPSPNet(width)
+    net = mod.TorchPSPNet(width) if eff is None else eff.TorchEffPSPNet(width)
     net.train()
     y = torch.randint(0, 2, (batch, size, size))
 
@@ -209,13 +218,63 @@ def make_torch_run(kind: str, width: float, seed: int = 0) -> Run:
     loss.backward()
     opt.step()
 
-  return Run(f"torch {kind} w{width:g} {batch}x{size}^2 float32 ({torch.get_num_threads()} thr)", step,
+  return Run(f"torch {backbone} {kind} w{width:g} {batch}x{size}^2 float32 ({torch.get_num_threads()} thr)", step,
              compile_s=0.0)
+
+
+# (batch, side, channels, kernel, stride, dilation): depthwise convs of Lite0 at output stride 8 on
+# the :cpu classifier batch (20 x 112^2): block 1 (stride 2), block 3 (stride 2), blocks 9 and 13.
+DEPTHWISE_SHAPES = ((20, 56, 96, 3, 2, 1), (20, 28, 144, 5, 2, 1), (20, 14, 672, 5, 1, 2),
+                    (20, 14, 1152, 5, 1, 4))
+
+
+def bench_depthwise(steps: int, with_torch: bool) -> int:
+  """Times one depthwise conv's forward + input and weight gradients, three ways, interleaved."""
+  from oeem_jax.models import efficientnet_lite as E  # noqa: PLC0415
+
+  print(f"jax {jax.__version__} backend={jax.default_backend()} cpus={os.cpu_count()} "
+        f"loadavg={os.getloadavg()}", flush=True)
+  print("| shape (N, H, C, k, stride, dilation) | XLA grouped conv s | taps (ours) s | torch s |")
+  print("|---|---|---|---|")
+  for n, h, c, k, s, d in DEPTHWISE_SHAPES:
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((n, h, h, c), dtype=np.float32))
+    w = jnp.asarray(rng.standard_normal((k, k, 1, c), dtype=np.float32))
+    fns = {
+        "xla": jax.jit(jax.grad(lambda a, b: jnp.sum(E._tf_conv(a, b, s, d, c) ** 2), (0, 1))),
+        "taps": jax.jit(jax.grad(lambda a, b: jnp.sum(E.depthwise_conv(a, b, s, d) ** 2), (0, 1))),
+    }
+    times = {key: [] for key in fns}
+    if with_torch:
+      import torch  # noqa: PLC0415
+      xt = torch.randn(n, c, h, h, requires_grad=True)
+      wt = torch.randn(c, 1, k, k, requires_grad=True)
+
+      def torch_step():
+        y = torch.nn.functional.conv2d(xt, wt, stride=s, padding=d * (k - 1) // 2, dilation=d, groups=c)
+        (y ** 2).sum().backward()
+      times["torch"] = []
+    for key, f in fns.items():
+      jax.block_until_ready(f(x, w))
+    for _ in range(steps):
+      for key, f in fns.items():
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(x, w))
+        times[key].append(time.perf_counter() - t0)
+      if with_torch:
+        t0 = time.perf_counter()
+        torch_step()
+        times["torch"].append(time.perf_counter() - t0)
+    med = {key: statistics.median(v) for key, v in times.items()}
+    print(f"| {(n, h, c, k, s, d)} | {med['xla']:.4f} | {med['taps']:.4f} | "
+          f"{med.get('torch', float('nan')):.4f} |", flush=True)
+  return 0
 
 
 def main(argv=None) -> int:
   ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("--models", default="cls,cls224,psp", help="comma list of cls, cls224, psp")
+  ap.add_argument("--models", default="cls,cls224,psp",
+                  help="comma list of " + ", ".join(SHAPES) + " (batch x side in SHAPES)")
   ap.add_argument("--widths", default="1.0,0.25")
   ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16 (compute dtype)")
   ap.add_argument("--xla", default="base", help="XLA option variants, see the module docstring")
@@ -224,7 +283,14 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (>= 5 recommended)")
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--torch", action="store_true", help="also time the PyTorch implementation")
+  ap.add_argument("--backbones", default="resnet38", help="comma list of resnet38, efficientnet_lite0 "
+                  "(EfficientNet-Lite0 has a fixed width: --widths scales only its PSPNet heads)")
+  ap.add_argument("--depthwise", action="store_true",
+                  help="only time EfficientNet-Lite0's depthwise convs (forward + both gradients): XLA's "
+                       "grouped convolution vs efficientnet_lite.depthwise_conv (vs torch with --torch)")
   args = ap.parse_args(argv)
+  if args.depthwise:
+    return bench_depthwise(args.steps, args.torch)
 
   print(f"jax {jax.__version__} backend={jax.default_backend()} devices={jax.devices()} "
         f"cpus={os.cpu_count()} loadavg={os.getloadavg()} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
@@ -233,15 +299,16 @@ def main(argv=None) -> int:
   for kind in args.models.split(","):
     if kind not in SHAPES:
       raise SystemExit(f"--models: unknown model {kind!r}; expected one of {sorted(SHAPES)}")
-    for w in (float(s) for s in args.widths.split(",")):
-      if args.torch:
-        runs.append(make_torch_run(kind, w))
-      for dtype in args.dtypes.split(","):
-        for variant in _parse_variants(args.xla):
-          for conv_impl in args.conv.split(","):
-            r = make_jax_run(kind, w, dtype, variant, conv_impl)
-            print(f"compiled {r.name}: {r.compile_s:.1f} s", flush=True)
-            runs.append(r)
+    for backbone in args.backbones.split(","):
+      for w in (float(s) for s in args.widths.split(",")):
+        if args.torch:
+          runs.append(make_torch_run(kind, w, backbone=backbone))
+        for dtype in args.dtypes.split(","):
+          for variant in _parse_variants(args.xla):
+            for conv_impl in args.conv.split(","):
+              r = make_jax_run(kind, w, dtype, variant, conv_impl, backbone=backbone)
+              print(f"compiled {r.name}: {r.compile_s:.1f} s", flush=True)
+              runs.append(r)
   for r in runs:
     for _ in range(args.warmup):
       r.step()

