@@ -149,6 +149,23 @@ def _to_mutable(tree):
   return tree
 
 
+def _missing_leaves(variables: Mapping[str, Any], prefix: tuple[str, ...],
+                    filled: set[tuple[str, ...]]) -> list[str]:
+  """Sorted 'collection/a/b/leaf' names of the backbone leaves (under `prefix`) not in `filled`."""
+  import jax  # noqa: PLC0415
+
+  missing = []
+  for col in ("params", "batch_stats"):
+    sub = _get(variables, (col,) + prefix)
+    if sub is None:
+      continue
+    for path, _ in jax.tree_util.tree_flatten_with_path(sub)[0]:
+      full = (col,) + prefix + tuple(str(p.key) for p in path)
+      if full not in filled:
+        missing.append("/".join(full))
+  return sorted(missing)
+
+
 def map_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[str, Any]
                    ) -> tuple[dict[str, Any], dict[str, list[str]]]:
   """Copies matching torch tensors into a copy of `variables` (non-strict, like load_state_dict(strict=False)).
@@ -199,16 +216,8 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[str,
     used.append(key)
     filled.add(target)
 
-  missing = []
-  for col in ("params", "batch_stats"):
-    sub = _get(new, (col,) + prefix)
-    if sub is None:
-      continue
-    for path, _ in jax.tree_util.tree_flatten_with_path(sub)[0]:
-      full = (col,) + prefix + tuple(str(p.key) for p in path)
-      if full not in filled:
-        missing.append("/".join(full))
-  report = {"used": sorted(used), "missing": sorted(missing), "unexpected": sorted(unexpected),
+  missing = _missing_leaves(new, prefix, filled)
+  report = {"used": sorted(used), "missing": missing, "unexpected": sorted(unexpected),
             "skipped": sorted(skipped)}
   return new, report
 
@@ -358,15 +367,6 @@ def load_efficientnet_lite(name_or_path: str, variables: Mapping[str, Any], *,
     _set(new, target, jax.numpy.asarray(arr, dtype=current.dtype))
     used.append(flat_key)
     filled.add(target)
-  missing = []
-  for col in ("params", "batch_stats"):
-    sub = _get(new, (col,) + prefix)
-    if sub is None:
-      continue
-    for p, _ in jax.tree_util.tree_flatten_with_path(sub)[0]:
-      full = (col,) + prefix + tuple(str(q.key) for q in p)
-      if full not in filled:
-        missing.append("/".join(full))
-  report = {"used": sorted(used), "missing": sorted(missing), "unexpected": sorted(unexpected),
-            "skipped": []}
+  report = {"used": sorted(used), "missing": _missing_leaves(new, prefix, filled),
+            "unexpected": sorted(unexpected), "skipped": []}
   return new, report
