@@ -139,6 +139,13 @@ def imagenet_init_hook(config: ml_collections.ConfigDict, stage: str) -> ImageNe
   return ImageNetInit(config, stage)
 
 
+def input_stats(config: ml_collections.ConfigDict):
+  """Input normalisation (mean, std) on 0..255 RGB of `config.model.backbone` for every stage that
+  feeds its networks (`data.pipeline.input_stats`); None = ResNet38's per-stage defaults."""
+  from oeem_jax.data.pipeline import input_stats as stats_of
+  return stats_of(str(config.model.get("backbone", "resnet38")))
+
+
 BN_MODES = ("auto", "frozen", "train")
 
 

@@ -59,7 +59,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   trained = training_config(cls_dir, config)
   model = cls_stage.make_model(trained)
   from oeem_jax.data.pipeline import normalizer
-  normalize = normalizer("cls", cls_stage.input_stats(trained))
+  from oeem_jax.stages import input_stats
+  normalize = normalizer("cls", input_stats(trained))
   variables = jax.device_put(variables)
 
   def cam_fn(params, x):

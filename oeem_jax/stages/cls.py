@@ -38,7 +38,8 @@ from absl import logging
 from oeem_jax import losses, metrics, train
 from oeem_jax.data import tiles as tiles_lib
 from oeem_jax.pseudo_mask import label_masked_argmax
-from oeem_jax.stages import imagenet_init_hook
+from oeem_jax.stages import imagenet_init_hook, input_stats
+
 
 def uses_pretrained(config: ml_collections.ConfigDict) -> bool:
   """True when `model.init_checkpoint` names ImageNet weights (BN and stem are then frozen)."""
@@ -58,12 +59,6 @@ def make_model(config: ml_collections.ConfigDict, *, bn_frozen: bool | None = No
                        bn_frozen=bn_mode(config, "cls") if bn_frozen is None else bn_frozen,
                        dtype=jnp.dtype(config.model.get("dtype", "float32")),
                        backbone_name=str(config.model.get("backbone", "resnet38")))
-
-
-def input_stats(config: ml_collections.ConfigDict):
-  """Normalisation (mean, std) of the configured backbone, None for ResNet38's defaults."""
-  from oeem_jax.data.pipeline import input_stats as stats_of
-  return stats_of(str(config.model.get("backbone", "resnet38")))
 
 
 def build_tiles(examples: Sequence[Any], data_cfg) -> tuple[np.ndarray, np.ndarray]:

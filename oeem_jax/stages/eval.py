@@ -128,10 +128,10 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   seg_dir = Path(eval_cfg.seg_dir) if eval_cfg.seg_dir else stage_dir.parent / "seg"
   variables, step = train.load_variables(seg_dir, eval_cfg.checkpoint)
   logging.info("eval: restored %s checkpoint of step %d from %s", eval_cfg.checkpoint, step, seg_dir)
-  from oeem_jax.stages import training_config
+  from oeem_jax.stages import input_stats, training_config
   trained = training_config(seg_dir, config)
   model = seg_stage.make_model(trained)
-  normalize = normalizer("seg", seg_stage.input_stats(trained))
+  normalize = normalizer("seg", input_stats(trained))
   apply_fn = make_apply_fn(model, variables)
 
   data = glas.load_splits(config.data)

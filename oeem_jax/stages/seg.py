@@ -38,7 +38,7 @@ import numpy as np
 from absl import logging
 
 from oeem_jax import inference, losses, metrics, train
-from oeem_jax.stages import imagenet_init_hook
+from oeem_jax.stages import imagenet_init_hook, input_stats
 
 MASK_SOURCES = ("pseudo", "true")
 
@@ -53,12 +53,6 @@ def make_model(config: ml_collections.ConfigDict):
                 dtype=jnp.dtype(config.model.get("dtype", "float32")),
                 backbone_name=str(config.model.get("backbone", "resnet38")),
                 backbone_bn_frozen=bn_frozen(config, "seg"))
-
-
-def input_stats(config: ml_collections.ConfigDict):
-  """Normalisation (mean, std) of the configured backbone, None for ResNet38's ImageNet defaults."""
-  from oeem_jax.data.pipeline import input_stats as stats_of
-  return stats_of(str(config.model.get("backbone", "resnet38")))
 
 
 def pseudo_dir(config: ml_collections.ConfigDict, stage_dir: Path) -> Path:
