@@ -128,7 +128,9 @@ def test_cpu_configs_use_pretrained_efficientnet_and_scratch_stays_reachable():
     assert scratch.model.init_checkpoint == "", name
   assert _config("cls", "cpu").model.init_checkpoint == "efficientnet_lite0"
   assert _config("cls", "cpu").model.bn == "train"
-  assert _config("seg_oeem", "cpu").seg.backbone_init == ""          # ImageNet, not the classifier
+  assert _config("seg_oeem", "cpu").seg.backbone_init == "cls"       # the ImageNet-started classifier
+  assert _config("seg_full", "cpu").seg.backbone_init == ""          # no cls stage: ImageNet
+  assert _config("seg_oeem", "cpu").train.lr == 0.02
   assert _config("seg_oeem", "cpu_scratch").seg.backbone_init == "cls"
   assert _config("seg_oeem", "cpu_scratch").train.steps == 4000       # the previous CPU recipe
   assert _config("cls", "cpu_scratch").train.steps == 1200
