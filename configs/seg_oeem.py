@@ -62,7 +62,9 @@ def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str):
     # pseudo-masks (docs/results.md): backbone from the stage-cls classifier (itself from ImageNet)
     # 63.26 vs ImageNet 60.32 val mIoU; lr 0.02 66.05 vs 5e-3 60.32. The fully supervised run has no
     # cls stage: it starts from ImageNet.
-    c.seg.backbone_init = "cls" if mask_source == "pseudo" else ""
+    if mask_source == "pseudo":
+      c.seg.backbone_init = "cls"
+      c.model.init_checkpoint = ""  # the classifier's backbone already started from ImageNet
     c.train.lr = 0.02
     c.train.steps = 1200
     c.train.eval_every = 300

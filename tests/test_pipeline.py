@@ -131,6 +131,12 @@ def test_cpu_configs_use_pretrained_efficientnet_and_scratch_stays_reachable():
   assert _config("seg_oeem", "cpu").seg.backbone_init == "cls"       # the ImageNet-started classifier
   assert _config("seg_full", "cpu").seg.backbone_init == ""          # no cls stage: ImageNet
   assert _config("seg_oeem", "cpu").train.lr == 0.02
+  for name in ("seg_oeem", "seg_ce", "seg_full"):  # seg.init_hook refuses both initialisations
+    for arg in (None, "cpu", "cpu_scratch"):
+      c = _config(name, arg)
+      assert not (c.model.init_checkpoint and c.seg.backbone_init), (name, arg)
+  seg_stage = _config("pipeline", "cpu").stage_seg
+  assert seg_stage.seg.backbone_init == "cls" and seg_stage.model.init_checkpoint == ""
   assert _config("seg_oeem", "cpu_scratch").seg.backbone_init == "cls"
   assert _config("seg_oeem", "cpu_scratch").train.steps == 4000       # the previous CPU recipe
   assert _config("cls", "cpu_scratch").train.steps == 1200
