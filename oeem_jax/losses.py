@@ -307,3 +307,47 @@ def bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
   x = jnp.asarray(logits).astype(jnp.float32)
   t = jnp.asarray(targets).astype(jnp.float32)
   return jnp.mean(optax.losses.sigmoid_binary_cross_entropy(x, t))
+
+
+def loss_share_on_label_errors(weights: Any, ce: Any, labels: Any, truth: Any, *,
+                               ignore_index: int = 255) -> dict[str, float]:
+  """How much of a weighted CE loss falls on pixels whose (pseudo-)label is wrong.
+
+  The check the OEEM paper's argument rests on (§2.2): pseudo-mask errors are hard pixels, so a
+  loss that mines easy pixels should put less of its weight on them than plain CE does. Here the
+  true masks decide which labels are wrong; nothing in training sees them.
+
+  Args:
+    weights: float[N, H, W] loss weights W (e.g. `loss_weights`; all ones for plain CE).
+    ce: float[N, H, W] per-pixel cross-entropy L against `labels` (`cross_entropy_map`).
+    labels: int[N, H, W] training labels (0/1, `ignore_index` = unsupervised).
+    truth: int or bool[N, H, W] true classes of the same pixels.
+
+  Returns:
+    dict of floats: `wrong_pixel_fraction` (wrong / valid pixels), `loss_share_wrong`
+    (sum W*L over wrong pixels / sum W*L over valid pixels, in [0, 1]), `ce_share_wrong` (the same
+    with W = 1), `mean_weight_right`, `mean_weight_wrong` (mean W over right / wrong pixels; NaN
+    where there are none).
+
+  Raises:
+    ValueError: the four arrays differ in shape.
+  """
+  w, l, y, t = (np.asarray(a) for a in (weights, ce, labels, truth))
+  if not (w.shape == l.shape == y.shape == t.shape):
+    raise ValueError(f"loss_share_on_label_errors: shapes differ: weights {w.shape}, ce {l.shape}, "
+                     f"labels {y.shape}, truth {t.shape}")
+  w, l = w.astype(np.float64), l.astype(np.float64)
+  valid = y != ignore_index
+  wrong = valid & (y != t.astype(y.dtype))
+  right = valid & ~wrong
+
+  def ratio(num, den):
+    return float(num / den) if den > 0 else float("nan")
+
+  return {
+      "wrong_pixel_fraction": ratio(wrong.sum(), valid.sum()),
+      "loss_share_wrong": ratio((w * l)[wrong].sum(), (w * l)[valid].sum()),
+      "ce_share_wrong": ratio(l[wrong].sum(), l[valid].sum()),
+      "mean_weight_right": ratio(w[right].sum(), right.sum()),
+      "mean_weight_wrong": ratio(w[wrong].sum(), wrong.sum()),
+  }

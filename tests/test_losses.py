@@ -413,3 +413,27 @@ def test_kth_smallest_bisection_matches_sort():
   got = np.asarray(losses._kth_smallest(jnp.asarray(x), jnp.asarray(valid), jnp.asarray(idx)))
   want = [np.sort(x[r][valid[r]])[idx[r]] for r in range(3)]
   np.testing.assert_array_equal(got, want)
+
+
+def test_loss_share_on_label_errors_by_hand():
+  # One 1x4 image: labels [1, 1, 0, 255], truth [1, 0, 0, 0] -> pixel 1 is wrong, pixel 3 ignored.
+  labels = np.array([[[1, 1, 0, 255]]])
+  truth = np.array([[[1, 0, 0, 0]]])
+  ce = np.array([[[0.1, 2.0, 0.3, 0.0]]])
+  w = np.array([[[1.5, 0.5, 1.0, 0.0]]])
+  got = losses.loss_share_on_label_errors(w, ce, labels, truth)
+  assert got["wrong_pixel_fraction"] == pytest.approx(1 / 3)
+  assert got["ce_share_wrong"] == pytest.approx(2.0 / 2.4)
+  assert got["loss_share_wrong"] == pytest.approx(1.0 / (0.15 + 1.0 + 0.3))
+  assert got["mean_weight_right"] == pytest.approx(1.25)
+  assert got["mean_weight_wrong"] == pytest.approx(0.5)
+  # OEEM weights from real logits: the confidently wrong pixel gets less than the mean weight 1.
+  logits = jnp.array([[[[0.0, 3.0], [0.0, 3.0], [3.0, 0.0]]]])  # predicts 1, 1, 0
+  y = jnp.array([[[1, 0, 0]]])                                     # pixel 1 labelled 0: hard
+  w_oeem = losses.loss_weights(logits, y, "oeem")
+  s = losses.loss_share_on_label_errors(w_oeem, losses.cross_entropy_map(logits, y), y,
+                                        np.array([[[1, 1, 0]]]))
+  assert s["mean_weight_wrong"] < 1 < s["mean_weight_right"]
+  assert s["loss_share_wrong"] < s["ce_share_wrong"]
+  with pytest.raises(ValueError, match="shapes differ"):
+    losses.loss_share_on_label_errors(w[..., :3], ce, labels, truth)
