@@ -86,3 +86,33 @@ def atomic_write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> 
   buf = io.BytesIO()
   np.savez(buf, **arrays)
   return atomic_write_bytes(path, buf.getvalue())
+
+
+class atomic_path:
+  """Context manager for writers that want a file name (e.g. tifffile): yields a temp path in the
+  folder of `path`; on a clean exit the temp file is fsynced and renamed to `path`, on an exception
+  it is deleted (a crash leaves the old file or the new one, never half of one).
+
+      with atomic_path("out/mask.tif") as tmp:
+        tifffile.imwrite(tmp, mask)
+  """
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = Path(path)
+
+  def __enter__(self) -> Path:
+    self.path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+    os.close(fd)
+    self.tmp = Path(tmp)
+    return self.tmp
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    try:
+      if exc_type is None:
+        with open(self.tmp, "rb+") as f:
+          os.fsync(f.fileno())
+        os.replace(self.tmp, self.path)
+    finally:
+      if self.tmp.exists():
+        self.tmp.unlink()

@@ -45,6 +45,10 @@ def main(argv):
   line = summary.get("final_line")
   if line:
     print(line)
+  # A stage that finished but could not do everything (predict: some images failed) says so.
+  status = int(summary.get("exit_status", 0) or 0)
+  if status:
+    sys.exit(status)
 
 
 def run():

@@ -169,7 +169,7 @@ def label_instances(binary: np.ndarray) -> np.ndarray:
   if binary.ndim != 2:
     raise ValueError(f"label_instances: expected a 2-D mask [H, W], got shape {binary.shape}")
   labels, _ = ndimage.label(binary != 0, structure=_EIGHT_CONNECTED)
-  return labels.astype(np.int32)
+  return labels.astype(np.int32, copy=False)  # no second full-size array when already int32
 
 
 @dataclasses.dataclass

@@ -19,7 +19,7 @@ from absl import logging
 
 from oeem_jax import io_utils
 
-STAGES = ("prepare", "cls", "cam", "seg", "eval", "pipeline")
+STAGES = ("prepare", "cls", "cam", "seg", "eval", "pipeline", "export", "predict")
 
 
 def stage_dir(workdir: str | Path, stage: str) -> Path:
