@@ -45,7 +45,9 @@ class MatmulOp:
     operand_dtypes: HLO element types of the operands ("bf16", "f32", ...), in order.
     result_dtype: element type of the result (first tuple element for library calls).
     result_shape: dimensions of that result.
-    flops: 2 x multiply-adds for "convolution" and "dot"; None for library calls.
+    flops: 2 x multiply-adds for "convolution" and "dot"; None for library calls. Convolutions are
+      counted dense (every kernel tap, padding included), so small dilated maps count more than
+      XLA's `cost_analysis()`, which skips taps that fall in the padding.
   """
   name: str
   kind: str
