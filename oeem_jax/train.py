@@ -384,6 +384,39 @@ def load_variables(stage_dir: str | Path, which: str | int = "best") -> tuple[di
 
 
 # ---------------------------------------------------------------------------------------------------
+# The step
+
+
+def make_step_fn(loss_fn: LossFn, tx: optax.GradientTransformation,
+                 schedule: optax.Schedule | None = None
+                 ) -> Callable[[TrainState, Mapping[str, jax.Array]], tuple[TrainState, dict[str, jax.Array]]]:
+  """The training step `train_loop` jits: (state, batch) -> (state after one update, metrics).
+
+  Dropout RNG of step s = `fold_in(state.rng, s)`; gradients of `loss_fn` with respect to
+  `state.params`, one `tx` update, `state.step + 1`. Metrics: `loss_fn`'s, plus "loss",
+  "grad_norm" (global L2 norm of the gradients) and, with a schedule, "lr" (the learning rate of
+  this update), each reduced to a float32 scalar. Not jitted here: `train_loop` jits it with the
+  state donated; launch/accelerator_check.py compiles the same function to time it.
+  """
+  def step_fn(state: TrainState, batch):
+    rng = jax.random.fold_in(state.rng, state.step)
+    def objective(p):
+      return loss_fn(p, state.batch_stats, batch, rng)
+    (loss, (new_bs, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, updates)
+    gnorm = optax.tree.norm(grads)
+    metrics = {**metrics, "loss": loss, "grad_norm": gnorm}
+    if schedule is not None:
+      metrics["lr"] = schedule(state.step)
+    metrics = jax.tree.map(lambda m: jnp.mean(m).astype(jnp.float32), metrics)
+    return state.replace(params=new_params, batch_stats=new_bs, opt_state=opt_state,
+                         step=state.step + 1), metrics
+
+  return step_fn
+
+
+# ---------------------------------------------------------------------------------------------------
 # The loop
 
 
@@ -583,22 +616,7 @@ def train_loop(
     writer = metric_writers.AsyncWriter(metric_writers.SummaryWriter(str(stage_dir / "tensorboard")))
 
   # ---- the jitted step --------------------------------------------------------------------------
-  def step_fn(state: TrainState, batch):
-    rng = jax.random.fold_in(state.rng, state.step)
-    def objective(p):
-      return loss_fn(p, state.batch_stats, batch, rng)
-    (loss, (new_bs, metrics)), grads = jax.value_and_grad(objective, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    new_params = optax.apply_updates(state.params, updates)
-    gnorm = optax.tree.norm(grads)
-    metrics = {**metrics, "loss": loss, "grad_norm": gnorm}
-    if schedule is not None:
-      metrics["lr"] = schedule(state.step)
-    metrics = jax.tree.map(lambda m: jnp.mean(m).astype(jnp.float32), metrics)
-    return state.replace(params=new_params, batch_stats=new_bs, opt_state=opt_state,
-                         step=state.step + 1), metrics
-
-  jit_step = jax.jit(step_fn, donate_argnums=0,
+  jit_step = jax.jit(make_step_fn(loss_fn, tx, schedule), donate_argnums=0,
                      out_shardings=(state_shardings, replicated))
 
   # ---- helpers ----------------------------------------------------------------------------------

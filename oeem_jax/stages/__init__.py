@@ -12,12 +12,14 @@ from __future__ import annotations
 import importlib
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import ml_collections
 from absl import logging
 
 from oeem_jax import io_utils
+
+if TYPE_CHECKING:  # annotations only: importing this package needs no ml_collections
+  import ml_collections
 
 STAGES = ("prepare", "cls", "cam", "seg", "eval", "pipeline", "export", "predict")
 
@@ -70,6 +72,8 @@ def training_config(train_stage_dir: str | Path,
   stage's section with the same defaults) when that summary does not exist.
   """
   import json
+
+  import ml_collections
 
   path = Path(train_stage_dir) / "summary.json"
   if not path.is_file():

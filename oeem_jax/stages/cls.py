@@ -27,11 +27,10 @@ few validation images.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
@@ -39,6 +38,9 @@ from oeem_jax import losses, metrics, train
 from oeem_jax.data import tiles as tiles_lib
 from oeem_jax.pseudo_mask import label_masked_argmax
 from oeem_jax.stages import imagenet_init_hook, input_stats
+
+if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collections
+  import ml_collections
 
 
 def uses_pretrained(config: ml_collections.ConfigDict) -> bool:
@@ -53,7 +55,7 @@ def make_model(config: ml_collections.ConfigDict, *, bn_frozen: bool | None = No
   """
   from oeem_jax.models import CAMClassifier
   from oeem_jax.stages import bn_frozen as bn_mode
-  cls_cfg = config.get("cls", ml_collections.ConfigDict())
+  cls_cfg = config.get("cls", {})
   return CAMClassifier(width=float(config.model.width), num_classes=int(cls_cfg.get("num_classes", 2)),
                        b7_dilation=int(cls_cfg.get("b7_dilation", 2)),
                        bn_frozen=bn_mode(config, "cls") if bn_frozen is None else bn_frozen,

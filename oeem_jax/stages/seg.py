@@ -29,16 +29,18 @@ the validation images, one confusion matrix -> `miou` (+ gland IoU, Dice). The b
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 from absl import logging
 
 from oeem_jax import inference, losses, metrics, train
 from oeem_jax.stages import imagenet_init_hook, input_stats
+
+if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collections
+  import ml_collections
 
 MASK_SOURCES = ("pseudo", "true")
 
@@ -47,7 +49,7 @@ def make_model(config: ml_collections.ConfigDict):
   """The stage's `PSPNet` from `config.model` / `config.seg` (defaults when `seg` is absent)."""
   from oeem_jax.models import PSPNet
   from oeem_jax.stages import bn_frozen
-  seg_cfg = config.get("seg", ml_collections.ConfigDict())
+  seg_cfg = config.get("seg", {})
   return PSPNet(width=float(config.model.width), num_classes=int(seg_cfg.get("num_classes", 2)),
                 b7_dilation=int(seg_cfg.get("b7_dilation", 4)),
                 dtype=jnp.dtype(config.model.get("dtype", "float32")),
