@@ -353,8 +353,37 @@ def _managers(stage_dir: Path, keep: int, async_save: bool
   return latest, best
 
 
+def _restore_here(directory: Path, item: str, which: str | int) -> tuple[PyTree, int] | None:
+  """Restores `item` of a checkpoint onto this process's first device, whatever devices saved it.
+
+  The arrays' shapes and dtypes come from the checkpoint's metadata; giving orbax that target
+  (instead of none) is what lets a checkpoint written on N devices or hosts be read on one.
+
+  Returns:
+    (host NumPy tree, step), or None when `directory` holds no checkpoint.
+
+  Raises:
+    FileNotFoundError: `which` is a step number that is not in `directory`.
+  """
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  handlers = {item: ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory.absolute(), item_handlers=handlers, options=options) as m:
+    step = m.latest_step() if which in ("best", "latest") else int(which)
+    if step is None:
+      return None
+    if step not in m.all_steps():
+      raise FileNotFoundError(f"checkpoint {which!r} not found in {directory} (have {list(m.all_steps())})")
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
+                          m.item_metadata(step)[item])
+    out = m.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
+  return jax.device_get(out[item]), step
+
+
 def load_variables(stage_dir: str | Path, which: str | int = "best") -> tuple[dict[str, PyTree], int]:
-  """Reads `{"params", "batch_stats"}` saved by `train_loop` (host NumPy arrays).
+  """Reads `{"params", "batch_stats"}` saved by `train_loop` (host NumPy arrays), also from a
+  checkpoint written by another number of devices or processes (e.g. a multi-host run read by a
+  1-process eval).
 
   Args:
     stage_dir: WORKDIR/<stage> of a training stage.
@@ -369,22 +398,17 @@ def load_variables(stage_dir: str | Path, which: str | int = "best") -> tuple[di
   """
   stage_dir = Path(stage_dir)
   quiet_orbax_logs()
-  read_only = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
   if which == "best" and (stage_dir / "best").is_dir():
-    with ocp.CheckpointManager((stage_dir / "best").absolute(), options=read_only) as m:
-      step = m.latest_step()
-      if step is not None:
-        out = m.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore()))
-        return jax.device_get(out["variables"]), step
+    found = _restore_here(stage_dir / "best", "variables", "best")
+    if found is not None:
+      return found
   ckpt = stage_dir / "checkpoints"
   if not ckpt.is_dir():
     raise FileNotFoundError(f"no checkpoints under {stage_dir} (expected {ckpt}/<step>/)")
-  with ocp.CheckpointManager(ckpt.absolute(), options=read_only) as m:
-    step = m.latest_step() if which in ("best", "latest") else int(which)
-    if step is None or step not in m.all_steps():
-      raise FileNotFoundError(f"checkpoint {which!r} not found in {ckpt} (have {list(m.all_steps())})")
-    out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = jax.device_get(out["state"])
+  found = _restore_here(ckpt, "state", which)
+  if found is None:
+    raise FileNotFoundError(f"checkpoint {which!r} not found in {ckpt} (it holds none)")
+  state, step = found
   return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, step
 
 
