@@ -229,7 +229,7 @@ def test_run_identity_ignores_logging_and_eval_keys():
                    "data": {"dir": str(Path("glas").resolve())}}
 
 
-def test_one_vs_four_devices_agree(reference_run, four_devices):
+def test_one_vs_four_devices_agree(reference_run, four_devices, children):
   # Same 12-step schedule and global batch 8 on 4 fake CPU devices (2 rows each), stopped after step 3;
   # compared with the 1-device reference run's step-3 checkpoint. BN statistics are over the global
   # batch in both, and the dropout masks do not depend on the sharding.
@@ -238,6 +238,11 @@ def test_one_vs_four_devices_agree(reference_run, four_devices):
   workdir, _ = reference_run
   one, step = train.load_variables(workdir, 3)
   assert step == 3
+  # The 4-device checkpoint restores here, on 1 device (orbax needs the target's shapes for that).
+  saved, saved_step = train.load_variables(children["tmp"] / "w4", "latest")
+  assert saved_step == 3
+  np.testing.assert_array_equal(np.concatenate([np.ravel(x) for x in jax.tree.leaves(saved["params"])]),
+                                np.concatenate([np.ravel(x) for x in four["flat_params"]]).astype(np.float32))
   init = jax.jit(lambda key: toy.make_model().init({"params": jax.random.split(key)[0]},
                                                   jnp.zeros((1, 8, 8, 3)), train=False))(
                                                       jax.random.PRNGKey(0))["params"]
