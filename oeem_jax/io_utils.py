@@ -1,4 +1,5 @@
-"""Small file helpers: atomic writes (temp name, then rename) and repository paths."""
+"""Small file helpers: atomic writes (temp name, then rename) that respect the umask, removal of
+folders a failed run left empty, and repository paths."""
 
 from __future__ import annotations
 
@@ -31,15 +32,33 @@ def _json_default(obj: Any):
   raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+def current_umask() -> int:
+  """The process umask (e.g. 0o022), read from /proc/self/status where Linux offers it (no change
+  of the process state), else by setting and restoring it."""
+  try:
+    with open("/proc/self/status", encoding="ascii") as f:
+      for line in f:
+        if line.startswith("Umask:"):
+          return int(line.split()[1], 8)
+  except (OSError, ValueError):
+    pass
+  mask = os.umask(0o022)
+  os.umask(mask)
+  return mask
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
   """Writes `data` to `path` via a temp file in the same folder and an atomic rename.
 
-  A crash leaves either the old file or the new one, never a half-written file.
+  A crash leaves either the old file or the new one, never a half-written file. The file gets the
+  mode a plain `open(path, "w")` would give it: 0o666 minus the umask (0644 under umask 022),
+  not the 0600 of `tempfile.mkstemp`.
   """
   path = Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
   fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
   try:
+    os.fchmod(fd, 0o666 & ~current_umask())
     with os.fdopen(fd, "wb") as f:
       f.write(data)
       f.flush()
@@ -50,6 +69,23 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
       os.unlink(tmp)
     raise
   return path
+
+
+def remove_if_empty(path: str | os.PathLike) -> bool:
+  """Removes the folder `path` if it holds no file (only, possibly nested, empty folders).
+
+  Returns:
+    True when it was removed; False when it holds a file or does not exist.
+  """
+  path = Path(path)
+  if not path.is_dir():
+    return False
+  if any(not p.is_dir() for p in path.rglob("*")):
+    return False
+  for sub in sorted(path.rglob("*"), key=lambda p: len(p.parts), reverse=True):
+    sub.rmdir()
+  path.rmdir()
+  return True
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

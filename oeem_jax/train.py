@@ -202,7 +202,8 @@ def setup_distributed(mode: str | bool = "auto") -> bool:
   """
   mode = {True: "on", False: "off"}.get(mode, mode)
   if mode not in ("auto", "on", "off"):
-    raise ValueError(f"config key train.distributed is {mode!r}; expected 'auto', 'on' or 'off'")
+    from oeem_jax.config_check import ConfigError
+    raise ConfigError("train.distributed", repr(mode), "'auto', 'on' or 'off'")
   wanted = mode == "on" or (mode == "auto" and (
       bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or os.environ.get("OEEM_DISTRIBUTED") == "1"))
   if wanted and not jax.distributed.is_initialized():
@@ -249,8 +250,9 @@ def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     value = np.asarray(value)
     global_rows = value.shape[0] * jax.process_count()
     if global_rows % mesh.size:
-      raise ValueError(f"batch[{key!r}]: global batch {global_rows} is not divisible by the "
-                       f"{mesh.size} devices of the mesh; change train.batch_size")
+      from oeem_jax.config_check import ConfigError
+      raise ConfigError("train.batch_size", str(global_rows),
+                        f"a multiple of the {mesh.size} devices of the mesh (batch[{key!r}])")
     sharding = NamedSharding(mesh, P(DATA_AXIS, *([None] * (value.ndim - 1))))
     out[key] = jax.make_array_from_process_local_data(sharding, value,
                                                       (global_rows,) + value.shape[1:])
@@ -302,13 +304,15 @@ def run_identity(config, sections: Sequence[str]) -> dict[str, Any]:
   return ident
 
 
-def _identity_diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+def identity_changes(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+  """(dotted key, old value, new value) for every leaf where two `run_identity` dicts differ
+  ("<absent>" for a key only one of them has), in sorted key order."""
   if isinstance(old, dict) and isinstance(new, dict):
     out = []
     for k in sorted(set(old) | set(new)):
-      out += _identity_diff(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
+      out += identity_changes(old.get(k, "<absent>"), new.get(k, "<absent>"), f"{prefix}{k}.")
     return out
-  return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+  return [] if old == new else [(prefix[:-1], old, new)]
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -349,8 +353,37 @@ def _managers(stage_dir: Path, keep: int, async_save: bool
   return latest, best
 
 
+def _restore_here(directory: Path, item: str, which: str | int) -> tuple[PyTree, int] | None:
+  """Restores `item` of a checkpoint onto this process's first device, whatever devices saved it.
+
+  The arrays' shapes and dtypes come from the checkpoint's metadata; giving orbax that target
+  (instead of none) is what lets a checkpoint written on N devices or hosts be read on one.
+
+  Returns:
+    (host NumPy tree, step), or None when `directory` holds no checkpoint.
+
+  Raises:
+    FileNotFoundError: `which` is a step number that is not in `directory`.
+  """
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  handlers = {item: ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory.absolute(), item_handlers=handlers, options=options) as m:
+    step = m.latest_step() if which in ("best", "latest") else int(which)
+    if step is None:
+      return None
+    if step not in m.all_steps():
+      raise FileNotFoundError(f"checkpoint {which!r} not found in {directory} (have {list(m.all_steps())})")
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=here),
+                          m.item_metadata(step)[item])
+    out = m.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(target)}))
+  return jax.device_get(out[item]), step
+
+
 def load_variables(stage_dir: str | Path, which: str | int = "best") -> tuple[dict[str, PyTree], int]:
-  """Reads `{"params", "batch_stats"}` saved by `train_loop` (host NumPy arrays).
+  """Reads `{"params", "batch_stats"}` saved by `train_loop` (host NumPy arrays), also from a
+  checkpoint written by another number of devices or processes (e.g. a multi-host run read by a
+  1-process eval).
 
   Args:
     stage_dir: WORKDIR/<stage> of a training stage.
@@ -364,22 +397,18 @@ def load_variables(stage_dir: str | Path, which: str | int = "best") -> tuple[di
     FileNotFoundError: no such checkpoint under `stage_dir`.
   """
   stage_dir = Path(stage_dir)
+  quiet_orbax_logs()
   if which == "best" and (stage_dir / "best").is_dir():
-    with ocp.CheckpointManager((stage_dir / "best").absolute(),
-                               options=ocp.CheckpointManagerOptions(read_only=True)) as m:
-      step = m.latest_step()
-      if step is not None:
-        out = m.restore(step, args=ocp.args.Composite(variables=ocp.args.StandardRestore()))
-        return jax.device_get(out["variables"]), step
+    found = _restore_here(stage_dir / "best", "variables", "best")
+    if found is not None:
+      return found
   ckpt = stage_dir / "checkpoints"
   if not ckpt.is_dir():
     raise FileNotFoundError(f"no checkpoints under {stage_dir} (expected {ckpt}/<step>/)")
-  with ocp.CheckpointManager(ckpt.absolute(), options=ocp.CheckpointManagerOptions(read_only=True)) as m:
-    step = m.latest_step() if which in ("best", "latest") else int(which)
-    if step is None or step not in m.all_steps():
-      raise FileNotFoundError(f"checkpoint {which!r} not found in {ckpt} (have {list(m.all_steps())})")
-    out = m.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-  state = jax.device_get(out["state"])
+  found = _restore_here(ckpt, "state", which)
+  if found is None:
+    raise FileNotFoundError(f"checkpoint {which!r} not found in {ckpt} (it holds none)")
+  state, step = found
   return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}, step
 
 
@@ -444,10 +473,15 @@ class _NullWriter:
 
 
 class _QuietOrbax(pyl.Filter):
-  """Drops orbax's INFO chatter (several lines per save) from the absl log; warnings pass."""
+  """Drops orbax's INFO chatter (several lines per save) and the warnings it gives for every
+  read-only manager (`load_variables`) from the absl log; other warnings pass."""
 
   def filter(self, record: pyl.LogRecord) -> bool:
-    return record.levelno >= pyl.WARNING or f"{os.sep}orbax{os.sep}" not in record.pathname
+    if f"{os.sep}orbax{os.sep}" not in record.pathname:
+      return True
+    if record.levelno == pyl.WARNING:
+      return "read only" not in record.getMessage() and "read_only=True" not in record.getMessage()
+    return record.levelno > pyl.WARNING
 
 
 _QUIET = _QuietOrbax()
@@ -535,7 +569,8 @@ def train_loop(
     name: label of the log lines.
     tensorboard: write TensorBoard events under stage_dir/tensorboard (clu metric writers; process 0).
     run_identity: JSON-able values that define the run (`run_identity(config, ...)`); stored with
-      every checkpoint, and a resume whose identity differs is refused (ValueError) instead of
+      every checkpoint, and a resume whose identity differs is refused (config_check.ConfigError
+      naming the first differing key, its old and new values) instead of
       silently continuing another run.
 
   Returns:
@@ -573,9 +608,20 @@ def train_loop(
   abstract_state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                                 abstract_state, state_shardings)
 
+  # Files (not folders: other processes may be creating those right now) of an earlier attempt.
+  earlier = sorted({p.relative_to(stage_dir).parts[0] for p in stage_dir.rglob("*") if p.is_file()}
+                   ) if stage_dir.is_dir() else []
   latest_mngr, best_mngr = _managers(stage_dir, keep, async_checkpoint)
   resumed_from = latest_mngr.latest_step()
   if resumed_from is None:
+    if earlier:
+      logging.warning(
+          "%s: %s holds no checkpoint (an earlier attempt left %s; with checkpoint_every %d it saved "
+          "%s): training restarts from step 0", name, latest_mngr.directory, ", ".join(earlier),
+          checkpoint_every, f"every {checkpoint_every} steps" if checkpoint_every > 0 else
+          "only at the end")
+    else:
+      logging.info("%s: no checkpoint in %s: starting from step 0", name, latest_mngr.directory)
     # Non-partitionable threefry: the ~140 initialisers compile in ~7 s instead of ~35 s on CPU
     # (see oeem_jax.models.init_variables); parameters are replicated, so nothing is lost.
     with jax.threefry_partitionable(False):
@@ -592,15 +638,24 @@ def train_loop(
           state, replicate(variables, mesh))
       del host, variables
   else:  # no initialisation needed: restore straight into the replicated layout
-    restored = latest_mngr.restore(resumed_from, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-    old_identity = (restored["meta"] or {}).get("identity", {})
-    diff = _identity_diff(old_identity, identity)
+    # The run's identity first (a small JSON item): a checkpoint of another configuration is refused
+    # before its arrays are read (another model.width would not even restore).
+    meta = latest_mngr.restore(resumed_from, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    old_identity = (meta["meta"] or {}).get("identity", {})
+    diff = identity_changes(old_identity, identity)
     if diff:
-      raise ValueError(
-          f"{name}: {latest_mngr.directory} holds step {resumed_from} of a run with a different "
-          f"configuration ({'; '.join(diff)}). Use a new --workdir (or delete that folder) instead "
-          "of resuming it.")
+      from oeem_jax.config_check import ConfigError, quote
+
+      key, old, new = diff[0]
+      also = f"; {len(diff) - 1} more key(s) differ: " + ", ".join(k for k, _, _ in diff[1:4]) + (
+          " ..." if len(diff) > 4 else "") if len(diff) > 1 else ""
+      was = "no value" if old == "<absent>" else quote(old)
+      raise ConfigError(
+          key, "<absent>" if new == "<absent>" else quote(new),
+          f"{was}, as in the run whose step {resumed_from} is in {latest_mngr.directory}{also}; "
+          "for another run use a new --workdir (or delete that folder)")
+    restored = latest_mngr.restore(resumed_from, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state)))
     state = restored["state"]
     logging.info("%s: resumed from %s/%d", name, latest_mngr.directory, resumed_from)
   start_step = int(jax.device_get(state.step))

@@ -268,3 +268,66 @@ def test_synthetic_default_set(synthetic_splits):
     assert int(e.mask.max()) >= 2  # at least 2 gland instances
   assert {e.grade for e in s.splits["val"]} == {"benign", "malignant"}
   assert not {e.patient for e in s.splits["val"]} & {e.patient for e in s.splits["train"]}
+
+
+# --------------------------------------------------------------------------- binary masks, Grade.csv rows
+
+
+def test_binary_masks_become_connected_components(tmp_path):
+  # train_1: a 0/255 export of its two glands; testA_1: a 0/1 export (one id, two regions). Both get
+  # ids 1, 2 from their 8-connected components, with a note naming the file, kept in the notes of a
+  # later load from the cache too. train_2 keeps its own ids.
+  arrays = _write_tiny(tmp_path / "a")
+  for name, value in (("train_1", 255), ("testA_1", 1)):
+    Image.fromarray(((arrays[name][1] > 0) * value).astype(np.uint8)).save(
+        tmp_path / "a" / f"{name}_anno.png")
+  cfg = _cfg(dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"), allow_partial=True)
+  for attempt in ("build", "reuse"):
+    data = glas.load_splits(cfg)
+    masks = {e.name: e.mask for split in ("train", "test") for e in data.splits[split]}
+    for name in ("train_1", "testA_1", "train_2"):
+      np.testing.assert_array_equal(masks[name], arrays[name][1], err_msg=f"{attempt} {name}")
+    binary = [n for n in data.notes if "looks binary" in n]
+    assert len(binary) == 2, (attempt, data.notes)
+    assert binary[0].startswith(str(tmp_path / "a" / "train_1_anno.png") + ": mask looks binary (its "
+                                "only non-zero value 255 covers 2 separate region(s))")
+    assert "testA_1_anno.png: mask looks binary (its only non-zero value 1 covers 2" in binary[1]
+
+
+def test_binary_to_instances_leaves_instance_masks_alone():
+  one = np.zeros((6, 6), np.uint8)
+  one[1:3, 1:3] = 1
+  ids, note = glas.binary_to_instances(one)
+  assert ids is one and note is None  # a single gland with id 1 (3 of the real GlaS masks)
+  two = one.copy()
+  two[4:6, 4:6] = 2
+  assert glas.binary_to_instances(two)[1] is None
+  diagonal = np.zeros((4, 4), np.uint8)
+  diagonal[0, 0] = diagonal[1, 1] = 255  # touching at a corner: one 8-connected gland
+  ids, note = glas.binary_to_instances(diagonal, "m.png")
+  assert ids.max() == 1 and ids[0, 0] == ids[1, 1] == 1 and "covers 1 separate region" in note
+  many = np.zeros((2, 2 * 300), np.uint8)
+  many[0, ::2] = 1
+  with pytest.raises(glas.GlasDataError, match="m.png: binary mask .* 300 separate regions"):
+    glas.binary_to_instances(many, "m.png")
+
+
+def test_prepare_summary_records_binary_masks(tmp_path):
+  from oeem_jax import stages
+  arrays = _write_tiny(tmp_path / "a")
+  Image.fromarray(((arrays["train_2"][1] > 0) * 255).astype(np.uint8)).save(tmp_path / "a" / "train_2_anno.png")
+  cfg = get_base_config("prepare")
+  cfg.data.dir, cfg.data.cache_dir, cfg.data.allow_partial = str(tmp_path / "a"), str(tmp_path / "c"), True
+  summary = stages.run_stage(cfg, tmp_path / "w")
+  assert summary["binary_masks"] == [str(tmp_path / "a" / "train_2_anno.png")]
+
+
+def test_grade_rows_without_an_image_are_a_warning(tmp_path):
+  _write_tiny(tmp_path / "a")
+  with open(tmp_path / "a" / "Grade.csv", "a") as f:
+    f.write("train_99,9, benign, x\ntestA_7,9, malignant, x\n")
+  notes = []
+  records = glas.scan_source(tmp_path / "a", expected=TINY, notes=notes)
+  assert len(records) == 4
+  assert notes == [f"{tmp_path / 'a' / 'Grade.csv'}: 2 row(s) name no image in the folder (train_99, "
+                   "testA_7); those rows are ignored"]

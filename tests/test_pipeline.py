@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -29,8 +30,32 @@ def demo_run(tmp_path_factory, data_cache):
   c.stage_seg.train.steps = 4
   c.stage_seg.train.log_every = 2
   c.stage_cam.cam.batch_size = 16
-  summary = stages.run_stage(c, workdir)
+  from oeem_jax.data import glas
+  glas._BANNER_SHOWN.clear()  # other tests of the session may have shown it already
+  records = []
+  handler = logging.Handler()
+  handler.emit = records.append
+  logger = logging.getLogger("absl")
+  logger.addHandler(handler)
+  try:
+    summary = stages.run_stage(c, workdir)
+  finally:
+    logger.removeHandler(handler)
+  demo_log.extend(records)
   return workdir, summary
+
+
+demo_log: list = []  # the absl log records of `demo_run`
+
+
+def test_demo_log_is_quiet(demo_run):
+  # One SYNTHETIC banner for the 4 stages that load the data, none of orbax's read-only warnings,
+  # and each training stage says that it starts from step 0.
+  messages = [r.getMessage() for r in demo_log]
+  assert sum("SYNTHETIC DATA" in m for m in messages) == 1
+  assert not [m for m in messages if "read only" in m or "read_only" in m]
+  starts = [m for m in messages if m.endswith("starting from step 0")]
+  assert [m.split(":")[0] for m in starts] == ["cls", "seg"], starts
 
 
 def test_demo_pipeline_writes_every_stage(demo_run, synthetic_splits):

@@ -185,9 +185,37 @@ def test_stage_models_overfit_a_fixed_batch(four_devices, stage):
 
 
 def test_resume_of_a_different_run_is_refused(reference_run):
+  # A ConfigError: `python -m oeem_jax.main` prints it as one `error: config key ...` line, exit 2.
+  from oeem_jax.config_check import ConfigError
   workdir, _ = reference_run
-  with pytest.raises(ValueError, match=r"different configuration \(train: '<absent>' -> \{'lr': 0.2\}\)"):
+  with pytest.raises(ConfigError) as info:
     toy.run(str(workdir), STEPS, eval_every=4, num_devices=1, identity={"train": {"lr": 0.2}})
+  assert str(info.value) == (
+      f"config key train: {{'lr': 0.2}}; expected no value, as in the run whose step {STEPS} is in "
+      f"{workdir / 'checkpoints'}; for another run use a new --workdir (or delete that folder)")
+  # Several keys: the first one is named with its old value, the others are counted.
+  changes = train.identity_changes({"train": {"lr": 0.1, "steps": 8}, "seed": 0},
+                                   {"train": {"lr": 0.1, "steps": 16}, "seed": 1})
+  assert changes == [("seed", 0, 1), ("train.steps", 8, 16)]
+
+
+def test_a_restart_from_scratch_is_logged(tmp_path, caplog):
+  # An attempt killed before its first checkpoint (the demo saves only at the end) left TensorBoard
+  # events; the next attempt says that it starts again from step 0.
+  (tmp_path / "tensorboard").mkdir()
+  (tmp_path / "tensorboard" / "events.out.tfevents.1").write_bytes(b"x")
+  with caplog.at_level("INFO"):
+    result = toy.run(str(tmp_path), 2, num_devices=1, every=0)
+  assert result["resumed_from"] is None
+  lines = [r.getMessage() for r in caplog.records if "step 0" in r.getMessage()]
+  assert lines == [f"toy: {tmp_path / 'checkpoints'} holds no checkpoint (an earlier attempt left "
+                   "tensorboard; with checkpoint_every 0 it saved only at the end): training restarts "
+                   "from step 0"], lines
+  caplog.clear()
+  with caplog.at_level("INFO"):
+    toy.run(str(tmp_path / "fresh"), 2, num_devices=1, every=0)
+  assert [r.getMessage() for r in caplog.records if "step 0" in r.getMessage()] == [
+      f"toy: no checkpoint in {tmp_path / 'fresh' / 'checkpoints'}: starting from step 0"]
 
 
 def test_run_identity_ignores_logging_and_eval_keys():
@@ -201,7 +229,7 @@ def test_run_identity_ignores_logging_and_eval_keys():
                    "data": {"dir": str(Path("glas").resolve())}}
 
 
-def test_one_vs_four_devices_agree(reference_run, four_devices):
+def test_one_vs_four_devices_agree(reference_run, four_devices, children):
   # Same 12-step schedule and global batch 8 on 4 fake CPU devices (2 rows each), stopped after step 3;
   # compared with the 1-device reference run's step-3 checkpoint. BN statistics are over the global
   # batch in both, and the dropout masks do not depend on the sharding.
@@ -210,6 +238,11 @@ def test_one_vs_four_devices_agree(reference_run, four_devices):
   workdir, _ = reference_run
   one, step = train.load_variables(workdir, 3)
   assert step == 3
+  # The 4-device checkpoint restores here, on 1 device (orbax needs the target's shapes for that).
+  saved, saved_step = train.load_variables(children["tmp"] / "w4", "latest")
+  assert saved_step == 3
+  np.testing.assert_array_equal(np.concatenate([np.ravel(x) for x in jax.tree.leaves(saved["params"])]),
+                                np.concatenate([np.ravel(x) for x in four["flat_params"]]).astype(np.float32))
   init = jax.jit(lambda key: toy.make_model().init({"params": jax.random.split(key)[0]},
                                                   jnp.zeros((1, 8, 8, 3)), train=False))(
                                                       jax.random.PRNGKey(0))["params"]
@@ -279,7 +312,7 @@ def test_pretrained_hook_and_frozen_leaves(tmp_path):
 def test_batch_not_divisible_by_devices_is_a_clear_error():
   mesh = train.make_mesh(jax.devices()[:1])
   assert train.shard_batch({"x": np.zeros((3, 2))}, mesh)["x"].shape == (3, 2)
-  with pytest.raises(ValueError, match="divisible"):
+  with pytest.raises(ValueError, match=r"config key train.batch_size: 3; expected a multiple of the 2 devices"):
     fake = type("M", (), {"size": 2})()  # only .size is consulted before the error
     train.shard_batch({"x": np.zeros((3, 2))}, fake)
 

@@ -19,6 +19,10 @@ missing folder or Grade.csv; image without mask or mask without image; an image 
 Grade.csv; the same name as both .bmp and .png; unreadable or truncated file; image/mask size mismatch;
 a mask with channels (RGB/RGBA/LA…) or a mask mode other than 8-bit gray / palette indices / 1-bit;
 unexpected split counts (85/60/20) unless `allow_partial`.
+Accepted with a warning (logged, and kept in the notes that stage `prepare` writes to its summary):
+Grade.csv rows that name no image; a mask that looks binary (its only non-zero value is 255, or it
+covers several separate regions), whose gland instances are then derived as its 8-connected
+components (`binary_to_instances`) instead of merging every gland into one object.
 Image colour modes: RGB is used as is. Grayscale (L, LA, 1), palette (P/PA) and RGBA images are
 CONVERTED to RGB with a warning (alpha is dropped, gray is replicated to 3 channels); any other mode
 (16-bit, float, CMYK, …) is refused.
@@ -36,6 +40,7 @@ import csv
 import dataclasses
 import hashlib
 import io
+import json
 import os
 import re
 import warnings
@@ -51,7 +56,7 @@ PREFIX_TO_SPLIT = {v: k for k, v in SPLIT_PREFIXES.items()}
 EXPECTED_COUNTS = {"train": 85, "test_a": 60, "test_b": 20}
 GRADES = ("benign", "malignant")
 IMAGE_SUFFIXES = (".png", ".bmp")
-BUILDER_VERSION = "1.0.0"
+BUILDER_VERSION = "1.1.0"
 
 _FILE_RE = re.compile(r"^(train|testA|testB)_(\d+)(_anno)?\.(png|bmp)$", re.IGNORECASE)
 _CANON_PREFIX = {"train": "train", "testa": "testA", "testb": "testB"}
@@ -169,8 +174,12 @@ def read_grades(csv_path: Path) -> dict[str, tuple[str, str]]:
   return out
 
 
-def list_source(folder: str | os.PathLike) -> list[SourceRecord]:
+def list_source(folder: str | os.PathLike, notes: list[str] | None = None) -> list[SourceRecord]:
   """Pairs images with masks and Grade.csv rows in a Warwick-QU folder (no decoding).
+
+  Grade.csv rows that name no image in the folder are accepted with a warning (appended to `notes`
+  when given): the official Grade.csv lists all 165 images, so a row without its image usually
+  means a file went missing.
 
   Returns:
     SourceRecords sorted by natural name order.
@@ -205,6 +214,14 @@ def list_source(folder: str | os.PathLike) -> list[SourceRecord]:
   for name in sorted(set(masks) - set(images), key=natural_key):
     raise GlasDataError(f"{masks[name]}: mask without image; expected {folder / (name + masks[name].suffix)}")
   grades = read_grades(folder / "Grade.csv")
+  orphans = sorted(set(grades) - set(images), key=natural_key)
+  if orphans:
+    shown = ", ".join(orphans[:5]) + (f" and {len(orphans) - 5} more" if len(orphans) > 5 else "")
+    msg = (f"{folder / 'Grade.csv'}: {len(orphans)} row(s) name no image in the folder ({shown}); "
+           "those rows are ignored")
+    logging.warning("%s", msg)
+    if notes is not None:
+      notes.append(msg)
   records = []
   for name in sorted(images, key=natural_key):
     if name not in grades:
@@ -275,28 +292,79 @@ def decode_image(path: str | os.PathLike, notes: list[str] | None = None, warn: 
   return np.asarray(img, dtype=np.uint8)
 
 
-def decode_mask(path: str | os.PathLike) -> np.ndarray:
+_EIGHT_CONNECTED = np.ones((3, 3), bool)
+
+
+def binary_to_instances(mask: np.ndarray, path: str | os.PathLike = "mask") -> tuple[np.ndarray, str | None]:
+  """Gland instances of a mask that looks binary; other masks come back unchanged.
+
+  A mask looks binary when a single non-zero value covers every gland pixel and that value is 255
+  (a 0/255 export) or covers several separate regions (a 0/1 export of several glands). GlaS
+  annotations give every gland its own id, and no real GlaS mask has an id with two separate
+  regions (3 of its 165 masks hold one gland with id 1, which stays as it is). Such a mask would merge
+  every gland of the image into one object and corrupt the object F1, Dice and Hausdorff, so its
+  instances are derived as its 8-connected components (scipy.ndimage.label), numbered in raster order.
+
+  Args:
+    mask: uint8[H, W].
+    path: file name for the message.
+
+  Returns:
+    (uint8[H, W] instance ids, a note naming the file and what was done, or None when unchanged).
+
+  Raises:
+    GlasDataError: a binary mask with more than 255 separate regions (ids would not fit in uint8).
+  """
+  from scipy import ndimage
+
+  values = np.unique(mask)
+  nonzero = values[values != 0]
+  if nonzero.size != 1:
+    return mask, None
+  value = int(nonzero[0])
+  labels, count = ndimage.label(mask != 0, structure=_EIGHT_CONNECTED)
+  if value != 255 and count < 2:
+    return mask, None
+  if count > 255:
+    raise GlasDataError(f"{path}: binary mask (only value {value}) with {count} separate regions; expected "
+                        "at most 255 glands (instance ids are uint8)")
+  note = (f"{path}: mask looks binary (its only non-zero value {value} covers {count} separate "
+          f"region(s)); gland instances derived as its {count} 8-connected component(s)")
+  return labels.astype(np.uint8), note
+
+
+def decode_mask(path: str | os.PathLike, notes: list[str] | None = None, warn: bool = True) -> np.ndarray:
   """Reads an instance mask as uint8[H, W] (0 = background, 1..K gland ids).
 
   Accepted modes: L (8-bit gray), P (palette indices are the ids, as in the official 8-bit BMPs),
-  1 (bilevel, 0/1), and I/I;16 when every value fits in 0..255.
+  1 (bilevel, 0/1), and I/I;16 when every value fits in 0..255. A mask that looks binary (0/255, or
+  one id covering several separate regions) gets instance ids from its connected components, with
+  a warning naming the file (appended to `notes` when given; `warn=False` silences it):
+  `binary_to_instances`.
 
   Raises:
-    GlasDataError: unreadable/truncated file, a mask with channels, or values above 255.
+    GlasDataError: unreadable/truncated file, a mask with channels, values above 255, or a binary
+      mask with more than 255 regions.
   """
   path = Path(path)
   img = _open(path)
-  if img.mode in ("L", "P"):
-    return np.asarray(img, dtype=np.uint8)
-  if img.mode == "1":
-    return np.asarray(img, dtype=np.uint8)
-  if img.mode.startswith("I"):
+  if img.mode in ("L", "P", "1"):
+    arr = np.asarray(img, dtype=np.uint8)
+  elif img.mode.startswith("I"):
     arr = np.asarray(img)
-    if arr.ndim == 2 and arr.min() >= 0 and arr.max() <= 255:
-      return arr.astype(np.uint8)
-    raise GlasDataError(f"{path}: mask values span {arr.min()}..{arr.max()}; expected instance ids 0..255")
-  raise GlasDataError(f"{path}: mask has mode {img.mode} with {len(img.getbands())} channels; expected a "
-                      "single-channel instance-id mask (8-bit gray or palette, 0 = background)")
+    if not (arr.ndim == 2 and arr.min() >= 0 and arr.max() <= 255):
+      raise GlasDataError(f"{path}: mask values span {arr.min()}..{arr.max()}; expected instance ids 0..255")
+    arr = arr.astype(np.uint8)
+  else:
+    raise GlasDataError(f"{path}: mask has mode {img.mode} with {len(img.getbands())} channels; expected a "
+                        "single-channel instance-id mask (8-bit gray or palette, 0 = background)")
+  arr, note = binary_to_instances(arr, path)
+  if note:
+    if warn:
+      logging.warning("%s", note)
+    if notes is not None:
+      notes.append(note)
+  return arr
 
 
 def _png_kind(path: Path) -> tuple[int, int] | None:
@@ -322,7 +390,7 @@ def validate_records(records: Sequence[SourceRecord], notes: list[str] | None = 
   def check(r: SourceRecord) -> tuple[tuple[int, int], list[str]]:
     local: list[str] = []
     image = decode_image(r.image_path, local)
-    mask = decode_mask(r.mask_path)
+    mask = decode_mask(r.mask_path, local)
     if image.shape[:2] != mask.shape:
       raise GlasDataError(f"{r.mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} (WxH) but its image "
                           f"{r.image_path.name} is {image.shape[1]}x{image.shape[0]}; expected equal sizes")
@@ -346,7 +414,7 @@ def scan_source(folder: str | os.PathLike, *, expected: Mapping[str, int] = EXPE
   Raises:
     GlasDataError: see the module docstring.
   """
-  records = list_source(folder)
+  records = list_source(folder, notes)
   check_counts(records, folder, expected, allow_partial)
   if decode:
     validate_records(records, notes)
@@ -384,7 +452,10 @@ class Glas(tfds.core.GeneratorBasedBuilder):
   """
 
   VERSION = tfds.core.Version(BUILDER_VERSION)
-  RELEASE_NOTES = {BUILDER_VERSION: "GlaS with instance masks, grade and patient ID; test = test_a + test_b."}
+  RELEASE_NOTES = {
+      "1.0.0": "GlaS with instance masks, grade and patient ID; test = test_a + test_b.",
+      "1.1.0": "Binary-looking masks (0/255, one id over several regions) stored as connected components.",
+  }
   MANUAL_DOWNLOAD_INSTRUCTIONS = """
   Download GlaS (Warwick-QU, "Gland Segmentation in Colon Histology Images Challenge", MICCAI 2015) and
   point manual_dir (or --config.data.dir) at the folder that holds train_N.bmp, train_N_anno.bmp,
@@ -435,10 +506,12 @@ class Glas(tfds.core.GeneratorBasedBuilder):
         image: Any = r.image_path.read_bytes()
       else:
         image = decode_image(r.image_path, warn=False)  # warned during the checks
-      if _png_kind(r.mask_path) == (8, 0):
+      converted: list[str] = []
+      decoded = decode_mask(r.mask_path, converted, warn=False)  # warned during the checks
+      if _png_kind(r.mask_path) == (8, 0) and not converted:
         mask: Any = r.mask_path.read_bytes()
       else:
-        mask = decode_mask(r.mask_path)[..., None]
+        mask = decoded[..., None]
       yield r.name, {"image": image, "mask": mask, "name": r.name, "grade": r.grade, "patient": r.patient}
 
 
@@ -569,7 +642,9 @@ def build_dataset(folder: str | os.PathLike, root: str | os.PathLike, *,
   """Checks `folder` and builds (or reuses) the prepared TFDS `glas` dataset under `root`.
 
   The TFDS data_dir is `root/tfds/glas-<fingerprint[:16]>`; nothing is written before every check
-  passed. A cache whose fingerprint matches is reused without re-decoding the source.
+  passed. A cache whose fingerprint matches is reused without re-decoding the source; the notes of
+  its pixel checks (colour conversions, binary masks) are kept beside it in `decode_notes.json` and
+  given again (logged and appended to `notes`) on reuse.
 
   Returns:
     the prepared `Glas` builder (use `.as_dataset(split=...)`).
@@ -578,20 +653,31 @@ def build_dataset(folder: str | os.PathLike, root: str | os.PathLike, *,
     GlasDataError: see `scan_source`.
   """
   folder = Path(folder).expanduser()
-  records = scan_source(folder, expected=expected, allow_partial=allow_partial, decode=False)
+  records = scan_source(folder, expected=expected, allow_partial=allow_partial, decode=False,
+                        notes=notes)
   key = source_fingerprint(folder, records)[:16]
   data_dir = Path(root).expanduser() / "tfds" / f"glas-{key}"
   builder_kw = dict(expected_counts=expected, allow_partial=allow_partial, validated=True)
+  notes_file = data_dir / "decode_notes.json"
   if not (data_dir / "glas" / BUILDER_VERSION / "dataset_info.json").is_file():
-    validate_records(records, notes)  # pixel checks before anything is written
+    decode_notes: list[str] = []
+    validate_records(records, decode_notes)  # pixel checks before anything is written
     logging.info("Preparing TFDS glas from %s into %s", folder, data_dir)
     tfds.disable_progress_bar()
     builder = Glas(data_dir=os.fspath(data_dir), **builder_kw)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
         manual_dir=os.fspath(folder), try_download_gcs=False))
-    return builder
-  logging.info("Reusing prepared TFDS glas in %s (source %s)", data_dir, folder)
-  return Glas(data_dir=os.fspath(data_dir), **builder_kw)
+    from oeem_jax import io_utils
+    io_utils.atomic_write_json(notes_file, decode_notes)
+  else:
+    logging.info("Reusing prepared TFDS glas in %s (source %s)", data_dir, folder)
+    builder = Glas(data_dir=os.fspath(data_dir), **builder_kw)
+    decode_notes = json.loads(notes_file.read_text()) if notes_file.is_file() else []
+    for n in decode_notes:  # warned when the cache was built, in another process
+      logging.warning("%s (noted when %s was prepared)", n, data_dir)
+  if notes is not None:
+    notes.extend(decode_notes)
+  return builder
 
 
 def read_split(builder: Glas, split: str) -> list[Example]:
@@ -615,6 +701,9 @@ _SYNTH_BANNER = (
     "  Numbers computed on it mean nothing about gland segmentation. To use GlaS, download it and pass\n"
     "      --config.data.dir=/path/to/glas   (folder with train_N.bmp|png, *_anno, Grade.csv)\n"
     + "=" * 78)
+
+
+_BANNER_SHOWN: set[str] = set()
 
 
 def load_splits(data_cfg) -> GlasSplits:
@@ -648,13 +737,18 @@ def load_splits(data_cfg) -> GlasSplits:
     expected = synthetic.expected_counts(n_train, n_test)
     allow_partial = False
     is_synth = True
-    logging.warning(_SYNTH_BANNER.format(n_train=n_train, n_test=n_test, folder=folder))
+    if str(folder) not in _BANNER_SHOWN:  # once per process: a pipeline loads the data per stage
+      _BANNER_SHOWN.add(str(folder))
+      logging.warning(_SYNTH_BANNER.format(n_train=n_train, n_test=n_test, folder=folder))
+    else:
+      logging.info("data: the SYNTHETIC stand-in set again (%s; see the banner above)", folder)
   builder = build_dataset(folder, root, expected=expected, allow_partial=allow_partial, notes=notes)
   splits = {s: read_split(builder, s) for s in SPLIT_PREFIXES}
   train_all = splits.pop("train")
+  logged = len(notes)  # the notes so far were logged where they arose
   val = set(select_validation([(e.name, e.patient, e.grade) for e in train_all],
                               int(_get(data_cfg, "val_count", 10)), _get(data_cfg, "val_names", ""), notes))
-  for n in notes:
+  for n in notes[logged:]:
     logging.warning("%s", n)
   out = {
       "train": [e for e in train_all if e.name not in val],

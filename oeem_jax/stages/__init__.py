@@ -35,23 +35,37 @@ def summary_path(workdir: str | Path, stage: str) -> Path:
 def run_stage(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
   """Runs `config.stage` in `workdir` and writes `WORKDIR/<stage>/summary.json`.
 
+  The config is checked first (`config_check.validate`), before anything is written. The summary
+  holds the config, the wall time and an `environment` block (package versions, CPU model and SIMD
+  features, JAX device kind and counts, source commit: `env_info.environment`) besides the stage's
+  own fields. A stage that fails leaves no folder behind that holds no file (a failed data check,
+  for example, no longer leaves an empty `WORKDIR/prepare/`).
+
   Raises:
-    ValueError: `config.stage` is not one of `STAGES`.
+    config_check.ConfigError: a bad config value (also `config.stage` not one of `STAGES`).
   """
+  from oeem_jax import config_check, env_info
+
+  config_check.validate(config)
   stage = config.stage
-  if stage not in STAGES:
-    raise ValueError(f"config key 'stage' is {stage!r}; expected one of {', '.join(STAGES)}")
   module = importlib.import_module(f"oeem_jax.stages.{stage}")
   out_dir = stage_dir(workdir, stage)
+  created = [p for p in (Path(workdir), out_dir) if not p.exists()]
   out_dir.mkdir(parents=True, exist_ok=True)
   logging.info("stage %s: workdir %s", stage, out_dir)
   start = time.time()
-  result = module.run(config, out_dir) or {}
+  try:
+    result = module.run(config, out_dir) or {}
+  except BaseException:
+    for p in reversed(created):  # the stage folder, then the workdir if this call made them
+      io_utils.remove_if_empty(p)
+    raise
   summary = {
       "stage": stage,
       "config": config.to_dict(),
       "wall_time_s": round(time.time() - start, 3),
       "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+      "environment": env_info.environment(),
   }
   summary.update(result)
   import jax
@@ -164,7 +178,8 @@ def bn_frozen(config: ml_collections.ConfigDict, stage: str) -> bool:
   """
   mode = str(config.model.get("bn", "auto"))
   if mode not in BN_MODES:
-    raise ValueError(f"config key model.bn is {mode!r}; expected one of {', '.join(BN_MODES)}")
+    from oeem_jax.config_check import ConfigError
+    raise ConfigError("model.bn", repr(mode), "one of " + ", ".join(BN_MODES))
   if mode == "auto":
     return stage == "cls" and bool(config.model.get("init_checkpoint", ""))
   return mode == "frozen"

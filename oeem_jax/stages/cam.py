@@ -71,8 +71,9 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   examples = []
   for s in names:
     if s not in data.splits:
-      raise ValueError(f"config key 'cam.splits': unknown split {s!r}; expected names from "
-                       f"{sorted(data.splits)}")
+      from oeem_jax.config_check import ConfigError
+      raise ConfigError("cam.splits", repr(cam_cfg.splits), "comma-separated names from " +
+                        ", ".join(sorted(data.splits)))
     examples.extend(data.splits[s])
 
   tile, stride = int(data_cfg.tile_size), int(data_cfg.tile_stride)

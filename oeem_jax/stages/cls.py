@@ -231,8 +231,10 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   batch = int(config.train.batch_size)
   steps = int(config.train.steps) or int(config.cls.epochs) * (len(tiles) // batch)
   if steps <= 0:
-    raise ValueError(f"cls: train.steps is 0 and cls.epochs * floor({len(tiles)} tiles / batch "
-                     f"{batch}) is 0; set train.steps")
+    from oeem_jax.config_check import ConfigError
+    raise ConfigError("train.steps", f"{config.train.steps} (cls.epochs {config.cls.epochs} * "
+                      f"floor({len(tiles)} tiles / batch {batch}) = {steps} steps)",
+                      "a number of steps >= 1, or a train.batch_size below the tile count")
   logging.info("cls: %d training tiles from %d images (gland in %.0f %%, non-gland in %.0f %%), "
                "%d validation images; %d steps of batch %d (%.2f epochs)", len(tiles),
                len(data.splits["train"]), 100 * labels[:, 1].mean(), 100 * labels[:, 0].mean(),

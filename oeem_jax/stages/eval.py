@@ -123,11 +123,13 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   eval_cfg = config.eval
   for key in ("min_object_area", "max_hole_area"):
     if int(eval_cfg[key]) < 0:
-      raise ValueError(f"config key 'eval.{key}': expected an area in pixels >= 0 (0 = off), got "
-                       f"{eval_cfg[key]}")
+      from oeem_jax.config_check import ConfigError
+      raise ConfigError(f"eval.{key}", repr(eval_cfg[key]), "an area in pixels >= 0 (0 = off)")
   seg_dir = Path(eval_cfg.seg_dir) if eval_cfg.seg_dir else stage_dir.parent / "seg"
   variables, step = train.load_variables(seg_dir, eval_cfg.checkpoint)
-  logging.info("eval: restored %s checkpoint of step %d from %s", eval_cfg.checkpoint, step, seg_dir)
+  digest = train.params_digest(variables["params"])  # equals the training summary's for "latest"
+  logging.info("eval: restored %s checkpoint of step %d from %s (params_digest %s)",
+               eval_cfg.checkpoint, step, seg_dir, digest[:16])
   from oeem_jax.stages import input_stats, training_config
   trained = training_config(seg_dir, config)
   model = seg_stage.make_model(trained)
@@ -138,8 +140,9 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   splits = [s.strip() for s in str(eval_cfg.splits).split(",") if s.strip()]
   for s in splits:
     if s not in data.splits:
-      raise ValueError(f"config key 'eval.splits': unknown split {s!r}; expected names from "
-                       f"{sorted(data.splits)}")
+      from oeem_jax.config_check import ConfigError
+      raise ConfigError("eval.splits", repr(eval_cfg.splits), "comma-separated names from " +
+                        ", ".join(sorted(data.splits)))
   # Predict each image once, even when it belongs to several reported splits (test = a + b).
   wanted = {}
   for s in splits:
@@ -165,7 +168,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   return {
       "synthetic": data.synthetic,
       "checkpoint_step": step,
+      "checkpoint_params_digest": digest,
       "metrics": results,
       "predictions_dir": str(stage_dir / "predictions"),
-      "final_line": f"{table}\npredictions: {stage_dir / 'predictions'}",
+      "final_line": table,
   }

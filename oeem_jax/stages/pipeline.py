@@ -16,6 +16,7 @@ import ml_collections
 from absl import logging
 
 from oeem_jax import stages
+from oeem_jax.config_check import ConfigError, pipeline_prefix
 
 # Fields of each stage's summary carried into the pipeline's summary.
 _KEEP = ("wall_time_s", "synthetic", "steps", "best_eval", "final_eval", "params_digest", "cam_miou",
@@ -26,7 +27,8 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
   """The config of stage `name` inside a pipeline config, with the shared `data` and `seed`."""
   key = f"stage_{name}"
   if key not in config:
-    raise ValueError(f"config key 'pipeline.stages' names {name!r} but the config has no {key!r}")
+    raise ConfigError("pipeline.stages", repr(config.pipeline.stages),
+                      f"stages that have a {key} section")
   sub = ml_collections.ConfigDict(config[key].to_dict())
   sub.stage = name
   sub.seed = config.seed
@@ -40,8 +42,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   names = [s.strip() for s in str(config.pipeline.stages).split(",") if s.strip()]
   for name in names:
     if name not in stages.STAGES or name == "pipeline":
-      raise ValueError(f"config key 'pipeline.stages': unknown stage {name!r}; expected some of "
-                       f"cls, cam, seg, eval (and prepare)")
+      raise ConfigError("pipeline.stages", repr(config.pipeline.stages),
+                        f"some of cls, cam, seg, eval (and prepare); {name!r} is not a stage")
   results: dict[str, Any] = {}
   summary = {}
   for i, name in enumerate(names):
@@ -52,6 +54,9 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
         summary = json.load(f)
     else:
       logging.info("pipeline [%d/%d] %s: running", i + 1, len(names), name)
-      summary = stages.run_stage(stage_config(config, name), workdir)
+      try:
+        summary = stages.run_stage(stage_config(config, name), workdir)
+      except ConfigError as e:  # name the key as it is written in the pipeline config
+        raise e.with_prefix(pipeline_prefix(name, e.key)) from e
     results[name] = {k: summary[k] for k in _KEEP if k in summary}
   return {"stages": results, "final_line": summary.get("final_line", "")}

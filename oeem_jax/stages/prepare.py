@@ -5,7 +5,9 @@
 Writes `DIR/prepare/summary.json` (through `stages.run_stage`) with: split counts, validation names,
 image-size histogram ("WxH": count) per split, tile counts and tile-label pattern counts per split
 (`[1,0]` non-gland only, `[0,1]` gland only, `[1,1]` both), the per-channel mean/std of the training
-images on 0..1 RGB, the `synthetic` flag (with a loud `data_label`) and the source folder.
+images on 0..1 RGB, the `synthetic` flag (with a loud `data_label`), the source folder, the notes of
+the data checks (`notes`: colour conversions, Grade.csv rows without an image, ...) and the masks
+that looked binary and were split into instances (`binary_masks`).
 """
 
 from __future__ import annotations
@@ -99,5 +101,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
           "train+val": rgb_stats([e.image for e in data.splits["train"] + data.splits["val"]]),
       },
       "notes": data.notes,
+      # Masks whose gland instances were derived from connected components (glas.binary_to_instances).
+      "binary_masks": [n.split(": mask looks binary")[0] for n in data.notes if ": mask looks binary" in n],
       "final_line": final,
   }

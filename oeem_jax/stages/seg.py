@@ -100,7 +100,8 @@ def training_masks(config: ml_collections.ConfigDict, stage_dir: Path, examples:
   if source == "pseudo":
     folder = pseudo_dir(config, stage_dir)
     return [read_pseudo_mask(folder / f"{ex.name}.png", ex.image.shape[:2]) for ex in examples]
-  raise ValueError(f"config key seg.mask_source is {source!r}; expected one of {MASK_SOURCES}")
+  from oeem_jax.config_check import ConfigError
+  raise ConfigError("seg.mask_source", repr(source), "one of " + ", ".join(MASK_SOURCES))
 
 
 def _masks_digest(masks: Sequence[np.ndarray]) -> str:
@@ -220,8 +221,10 @@ def init_hook(config: ml_collections.ConfigDict, stage_dir: Path):
   if cls_dir is None:
     return imagenet
   if imagenet is not None:
-    raise ValueError("config keys model.init_checkpoint and seg.backbone_init are both set; "
-                     "choose one backbone initialisation")
+    from oeem_jax.config_check import ConfigError
+    raise ConfigError("seg.backbone_init", repr(config.seg.backbone_init),
+                      f"'' while model.init_checkpoint is set ({config.model.init_checkpoint!r}): "
+                      "both set; choose one backbone initialisation")
   if not (cls_dir / "best").is_dir() and not (cls_dir / "checkpoints").is_dir():
     raise FileNotFoundError(
         f"config key seg.backbone_init: no classifier checkpoint in {cls_dir} (run stage cls "
@@ -275,7 +278,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   from oeem_jax.data import glas, pipeline
 
   if config.seg.loss_kind not in losses.KINDS:
-    raise ValueError(f"config key seg.loss_kind is {config.seg.loss_kind!r}; expected one of {losses.KINDS}")
+    from oeem_jax.config_check import ConfigError
+    raise ConfigError("seg.loss_kind", repr(config.seg.loss_kind), "one of " + ", ".join(losses.KINDS))
   data = glas.load_splits(config.data)
   examples = data.splits["train"]
   if not examples:

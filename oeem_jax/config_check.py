@@ -1,0 +1,246 @@
+"""Checks of config values before a stage starts, and the error every bad value raises.
+
+`ConfigError` is what `python -m oeem_jax.main` turns into one line and exit status 2:
+
+    error: config key seg.loss_kind: 'foo'; expected one of ce, oeem, c_max, c_diff, lc_mix, ohem
+
+`validate(config)` runs the checks of `config.stage` (for a pipeline: of every stage in
+`pipeline.stages`, keys reported with their `stage_<name>.` prefix) on the sections present; it is
+called by `stages.run_stage` before anything is written. Stages still raise `ConfigError` for what
+only they can know (e.g. a checkpoint of another run in the workdir, `train.steps` derived as 0).
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any, Callable, Iterable, Sequence
+
+SPLITS = ("train", "val", "test_a", "test_b", "test")
+BACKBONES = ("resnet38", "efficientnet_lite0")
+DTYPES = ("float32", "bfloat16")
+DISTRIBUTED = ("auto", "on", "off")
+BN_MODES = ("auto", "frozen", "train")
+CHECKPOINT_CHOICES = "'best', 'latest' or a step number >= 0"
+
+
+class ConfigError(ValueError):
+  """A config value a stage cannot run with.
+
+  Attributes:
+    key: dotted config key, e.g. "seg.loss_kind" (inside a pipeline "stage_seg.seg.loss_kind").
+    given: what was given, already quoted (e.g. "'foo'", "-5").
+    expected: what would be accepted.
+  """
+
+  def __init__(self, key: str, given: str, expected: str):
+    self.key, self.given, self.expected = key, given, expected
+    super().__init__(f"config key {key}: {given}; expected {expected}")
+
+  def with_prefix(self, prefix: str) -> "ConfigError":
+    """The same error with `prefix` (e.g. "stage_seg.") in front of the key."""
+    err = ConfigError(prefix + self.key, self.given, self.expected)
+    err.__cause__ = self.__cause__
+    return err
+
+
+def quote(value: Any) -> str:
+  """How a given value is shown in a message: repr for strings, plain for numbers and tuples."""
+  if isinstance(value, (list, tuple)):
+    return "(" + ", ".join(quote(v) for v in value) + ("," if len(value) == 1 else "") + ")"
+  return repr(value)
+
+
+def _get(config, path: str, default: Any = KeyError) -> Any:
+  node = config
+  for part in path.split("."):
+    try:
+      node = node[part]
+    except (KeyError, TypeError, AttributeError):
+      if default is KeyError:
+        raise KeyError(path) from None
+      return default
+  return node
+
+
+def _is_int(v) -> bool:
+  return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, numbers.Real) and not isinstance(v, bool)
+
+
+def _names(text: Any) -> list[str]:
+  return [s.strip() for s in str(text).split(",") if s.strip()]
+
+
+# A rule: (key, accept(value, config) -> bool, expected text or a function returning it). Rules of
+# absent keys are skipped.
+Rule = tuple[str, Callable[[Any, Any], bool], "str | Callable[[], str]"]
+
+
+def _int_at_least(lo: int) -> Callable[[Any, Any], bool]:
+  return lambda v, c: _is_int(v) and v >= lo
+
+
+def _positive(v, c) -> bool:
+  return _is_number(v) and v > 0
+
+
+def _non_negative(v, c) -> bool:
+  return _is_number(v) and v >= 0
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[Any, Any], bool]:
+  return lambda v, c: v in choices
+
+
+def _scales(v, c) -> bool:
+  return (isinstance(v, (list, tuple)) and len(v) > 0
+          and all(_is_number(s) and s > 0 for s in v))
+
+
+def _splits(v, c) -> bool:
+  names = _names(v)
+  return bool(names) and all(n in SPLITS for n in names)
+
+
+def _checkpoint(v, c) -> bool:
+  if v in ("best", "latest"):
+    return True
+  try:
+    return int(str(v)) >= 0
+  except ValueError:
+    return False
+
+
+def _stride(window_key: str) -> Callable[[Any, Any], bool]:
+  return lambda v, c: _is_int(v) and 0 < v <= _get(c, window_key, v)
+
+
+def _loss_kinds() -> tuple[str, ...]:
+  from oeem_jax.losses import KINDS
+  return KINDS
+
+
+COMMON: list[Rule] = [
+    ("seed", _int_at_least(0), "an integer >= 0"),
+    ("data.val_count", _int_at_least(0), "an integer >= 0 (0 = no validation images)"),
+    ("data.tile_size", _int_at_least(1), "a tile side in pixels >= 1 (112 in the paper)"),
+    ("data.tile_stride", _int_at_least(1), "a stride in pixels >= 1 (56 in the paper)"),
+    ("data.label_threshold", lambda v, c: _is_number(v) and 0 <= v < 1,
+     "a fraction in [0, 1) (0.05 in the paper)"),
+    ("data.synthetic_train", _int_at_least(1), "an integer >= 1 (synthetic train images)"),
+    ("data.synthetic_test", _int_at_least(0), "an integer >= 0 (synthetic test images)"),
+    ("model.backbone", _one_of(BACKBONES), "one of " + ", ".join(BACKBONES)),
+    ("model.width", _positive, "a channel multiplier > 0 (1.0 = the paper's network)"),
+    ("model.bn", _one_of(BN_MODES), "one of " + ", ".join(BN_MODES)),
+    ("model.dtype", _one_of(DTYPES), "one of " + ", ".join(DTYPES)),
+]
+
+TRAIN: list[Rule] = [
+    ("train.batch_size", _int_at_least(1), "a global batch size >= 1"),
+    ("train.lr", _positive, "a learning rate > 0"),
+    ("train.end_lr", _non_negative, "a learning rate >= 0"),
+    ("train.power", _positive, "a poly exponent > 0"),
+    ("train.momentum", lambda v, c: _is_number(v) and 0 <= v < 1, "a momentum in [0, 1)"),
+    ("train.weight_decay", _non_negative, "a weight decay >= 0"),
+    ("train.log_every", _int_at_least(1), "a number of steps >= 1"),
+    ("train.eval_every", _int_at_least(0), "a number of steps >= 0 (0 = only at the end)"),
+    ("train.distributed", _one_of(DISTRIBUTED), "one of " + ", ".join(DISTRIBUTED)),
+    ("checkpoint.every", _int_at_least(0), "a number of steps >= 0 (0 = only at the end)"),
+    ("checkpoint.keep", _int_at_least(1), "a number of checkpoints >= 1"),
+]
+
+STAGE_RULES: dict[str, list[Rule]] = {
+    "prepare": [],
+    "cls": TRAIN + [
+        ("train.steps", _int_at_least(0), "a number of steps >= 0 (0 = cls.epochs over the tiles)"),
+        ("cls.epochs", _int_at_least(1), "a number of epochs >= 1"),
+        ("cls.input_size", _int_at_least(8), "an input side in pixels >= 8"),
+        ("cls.num_classes", lambda v, c: v == 2, "2 (non-gland, gland)"),
+        ("cls.b7_dilation", _int_at_least(1), "a dilation >= 1"),
+        ("cls.eval_batch_size", _int_at_least(1), "a batch size >= 1"),
+        ("cls.num_eval_images", _int_at_least(0), "a count >= 0"),
+    ],
+    "seg": TRAIN + [
+        ("train.steps", _int_at_least(1), "a number of steps >= 1"),
+        ("seg.loss_kind", lambda v, c: v in _loss_kinds(), lambda: "one of " + ", ".join(_loss_kinds())),
+        ("seg.mask_source", _one_of(("pseudo", "true")), "one of pseudo, true"),
+        ("seg.aux_weight", _non_negative, "a weight >= 0"),
+        ("seg.crop_size", _int_at_least(8), "a crop side in pixels >= 8"),
+        ("seg.scale_min", _positive, "a rescale factor > 0"),
+        ("seg.scale_max", lambda v, c: _is_number(v) and v >= _get(c, "seg.scale_min", 0),
+         "a rescale factor >= seg.scale_min"),
+        ("seg.num_classes", lambda v, c: v == 2, "2 (non-gland, gland)"),
+        ("seg.b7_dilation", _int_at_least(1), "a dilation >= 1"),
+        ("seg.eval_window", _int_at_least(8), "a window side in pixels >= 8"),
+        ("seg.eval_stride", _stride("seg.eval_window"), "a stride in pixels in 1..seg.eval_window"),
+        ("seg.eval_batch_size", _int_at_least(1), "a batch size >= 1"),
+        ("seg.num_eval_images", _int_at_least(0), "a count >= 0"),
+    ],
+    "cam": [
+        ("cam.checkpoint", _checkpoint, CHECKPOINT_CHOICES),
+        ("cam.scales", _scales, "a non-empty tuple of scales > 0, e.g. (1.0, 1.5)"),
+        ("cam.batch_size", _int_at_least(1), "a batch size >= 1"),
+        ("cam.splits", _splits, "comma-separated names from " + ", ".join(SPLITS)),
+    ],
+    "eval": [
+        ("eval.checkpoint", _checkpoint, CHECKPOINT_CHOICES),
+        ("eval.splits", _splits, "comma-separated names from " + ", ".join(SPLITS)),
+        ("eval.scales", _scales, "a non-empty tuple of scales > 0, e.g. (0.75, 1.0, 1.25)"),
+        ("eval.window", _int_at_least(8), "a window side in pixels >= 8"),
+        ("eval.stride", _stride("eval.window"), "a stride in pixels in 1..eval.window"),
+        ("eval.batch_size", _int_at_least(1), "a batch size >= 1"),
+        ("eval.min_object_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
+        ("eval.max_hole_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
+    ],
+}
+
+PIPELINE_STAGES = ("prepare", "cls", "cam", "seg", "eval")
+# Keys of a pipeline config that sit at its top level, not under stage_<name>.
+_TOP_LEVEL = ("data.", "seed")
+
+
+def check_rules(config, rules: Iterable[Rule]) -> None:
+  """Raises ConfigError for the first rule whose key is present and whose value is refused."""
+  for key, accept, expected in rules:
+    value = _get(config, key, None)
+    if value is None:
+      continue
+    if not accept(value, config):
+      raise ConfigError(key, quote(value), expected() if callable(expected) else expected)
+
+
+def pipeline_prefix(name: str, key: str) -> str:
+  """The prefix a key of stage `name` takes in a pipeline config ("" for data.* and seed)."""
+  return "" if any(key == t or key.startswith(t) for t in _TOP_LEVEL) else f"stage_{name}."
+
+
+def validate(config) -> None:
+  """Checks `config` for `config.stage` (see the module docstring).
+
+  Raises:
+    ConfigError: the first bad value.
+  """
+  stage = _get(config, "stage", None)
+  if stage == "pipeline":
+    names = _names(_get(config, "pipeline.stages", ""))
+    bad = [n for n in names if n not in PIPELINE_STAGES]
+    if bad or not names:
+      raise ConfigError("pipeline.stages", quote(_get(config, "pipeline.stages", "")),
+                        "comma-separated stages from " + ", ".join(PIPELINE_STAGES))
+    from oeem_jax.stages.pipeline import stage_config
+    for name in names:
+      if f"stage_{name}" not in config:
+        raise ConfigError("pipeline.stages", quote(_get(config, "pipeline.stages")),
+                          f"stages that have a stage_<name> section (no stage_{name})")
+      try:
+        validate(stage_config(config, name))
+      except ConfigError as e:
+        raise e.with_prefix(pipeline_prefix(name, e.key)) from None
+    return
+  if stage not in STAGE_RULES:
+    raise ConfigError("stage", quote(stage), "one of " + ", ".join(list(STAGE_RULES) + ["pipeline"]))
+  check_rules(config, COMMON)
+  check_rules(config, STAGE_RULES[stage])
