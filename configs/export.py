@@ -10,6 +10,8 @@ import ml_collections
 
 from oeem_jax import config_base
 
+ARGS = {"": "no arguments"}  # what --help lists
+
 
 def get_config(arg: str | None = None):
   if arg:

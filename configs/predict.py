@@ -14,6 +14,8 @@ from ml_collections import config_dict
 
 from oeem_jax import config_base
 
+ARGS = {"": "no arguments"}  # what --help lists
+
 
 def get_config(arg: str | None = None):
   if arg:

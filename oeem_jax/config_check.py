@@ -115,7 +115,10 @@ def _checkpoint(v, c) -> bool:
 
 
 def _stride(window_key: str) -> Callable[[Any, Any], bool]:
-  return lambda v, c: _is_int(v) and 0 < v <= _get(c, window_key, v)
+  def accept(v, c) -> bool:
+    window = _get(c, window_key, None)  # None: unset (predict: the model's), checked later
+    return _is_int(v) and v > 0 and (window is None or v <= window)
+  return accept
 
 
 def _loss_kinds() -> tuple[str, ...]:
@@ -196,6 +199,30 @@ STAGE_RULES: dict[str, list[Rule]] = {
         ("eval.max_hole_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
     ],
 }
+
+STAGE_RULES["export"] = [
+    ("export.checkpoint", lambda v, c: v == "" or _checkpoint(v, c),
+     "'' (the checkpoint eval used), " + CHECKPOINT_CHOICES),
+    ("export.pixel_size_um", lambda v, c: _is_number(v) and (v in (-1, 0) or v > 0),
+     "-1 (auto), 0 (unknown) or a pixel size in µm/px > 0"),
+]
+STAGE_RULES["predict"] = [
+    # predict.model and predict.inputs have no default; the stage names them when unset.
+    ("predict.checkpoint", lambda v, c: v == "" or _checkpoint(v, c),
+     "'' (the checkpoint eval used), " + CHECKPOINT_CHOICES),
+    ("predict.input_mpp", _non_negative, "a pixel size in µm/px > 0, or 0 = from the file"),
+    ("predict.scales", _scales, "a non-empty tuple of scales > 0, e.g. (0.75, 1.0, 1.25)"),
+    ("predict.window", _int_at_least(8), "a window side in pixels >= 8"),
+    ("predict.stride", _stride("predict.window"), "a stride in pixels in 1..predict.window"),
+    ("predict.batch_size", _int_at_least(1), "a batch size >= 1"),
+    ("predict.min_object_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
+    ("predict.max_hole_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
+    ("predict.region_size", _int_at_least(16), "a region side >= 16 px (default 4096)"),
+    ("predict.overlay_max_side", _int_at_least(16), "a side >= 16 px"),
+    ("predict.tiff_mask_pixels", _int_at_least(0), "a pixel count >= 0"),
+    ("predict.simplify_px", _non_negative, "a tolerance in px >= 0 (0 = exact)"),
+    ("predict.stain_z_max", _positive, "a number of standard deviations > 0"),
+]
 
 PIPELINE_STAGES = ("prepare", "cls", "cam", "seg", "eval")
 # Keys of a pipeline config that sit at its top level, not under stage_<name>.

@@ -86,8 +86,9 @@ def test_every_listed_argument_builds_and_others_are_refused():
     # the config file and its argument
     (["--config=configs/nope.py"],
      "error: --config: 'configs/nope.py' is not a file; expected one of configs/cam.py, configs/cls.py, "
-     "configs/eval.py, configs/pipeline.py, configs/prepare.py, configs/seg_ce.py, configs/seg_full.py, "
-     "configs/seg_oeem.py (optionally with :ARG; --help lists them)"),
+     "configs/eval.py, configs/export.py, configs/pipeline.py, configs/predict.py, configs/prepare.py, "
+     "configs/seg_ce.py, configs/seg_full.py, configs/seg_oeem.py (optionally with :ARG; --help lists "
+     "them)"),
     (["--config=configs/pipeline.py:gpu"],
      "error: --config=configs/pipeline.py:gpu: configs/pipeline.py: unknown argument 'gpu'; expected "
      "nothing, 'cpu', 'cpu_scratch' or 'demo'"),

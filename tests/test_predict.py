@@ -25,6 +25,7 @@ from skimage.segmentation import find_boundaries
 
 from oeem_jax import config_base, images, inference, model_folder, regions, stages, stain, train
 from oeem_jax.config_base import load_config_file
+from oeem_jax.config_check import ConfigError
 from oeem_jax.data import synthetic
 from oeem_jax.data.pipeline import SEG_MEAN, SEG_STD, normalizer
 from oeem_jax.stages import predict as predict_stage
@@ -366,14 +367,16 @@ def test_bad_models_and_inputs_are_named(tiny, tmp_path):
   assert not list((tmp_path / "o").rglob("*.*"))  # nothing written for a fatal error
   with pytest.raises(images.InputError, match="holds no image"):
     stages.run_stage(predict_config(folder, tmp_path / "empty"), tmp_path / "o")
-  for key, value, message in [("stride", 100, "predict.stride"), ("scales", (), "predict.scales"),
-                              ("region_size", 4, "predict.region_size"),
-                              ("input_mpp", -1.0, "predict.input_mpp"),
-                              ("min_object_area", -5, "predict.min_object_area")]:
+  # Values wrong whatever the model: config_check, before anything is read; a stride larger than
+  # the model's window: only known once the model card is read.
+  for key, value, error in [("stride", 100, images.InputError), ("scales", (), ConfigError),
+                            ("region_size", 4, ConfigError), ("input_mpp", -1.0, ConfigError),
+                            ("min_object_area", -5, ConfigError), ("inputs", "", images.InputError)]:
     c = predict_config(folder, tmp_path / "x.png")
     c.predict[key] = value
-    with pytest.raises(images.InputError, match=message):
+    with pytest.raises(error, match=f"config key predict.{key}"):
       stages.run_stage(c, tmp_path / "o")
+  assert not list((tmp_path / "o").rglob("*.*"))
 
 
 def _fake_seg_stage(workdir: Path, data_cache: Path, variables: dict) -> ml_collections.ConfigDict:

@@ -29,13 +29,9 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
 
   Raises:
     InputError: the seg stage is not finished, or the checkpoint is missing.
-    ValueError: `export.pixel_size_um` below -1.
   """
   cfg = config.export
-  mpp = float(cfg.pixel_size_um)
-  if mpp < 0 and mpp != -1:
-    raise ValueError(f"config key export.pixel_size_um is {mpp}; expected -1 (auto), 0 (unknown) or a "
-                     "pixel size in µm/px > 0")
+  mpp = float(cfg.pixel_size_um)  # range checked by config_check (-1, 0 or > 0)
   seg_dir = Path(cfg.seg_dir).expanduser() if cfg.seg_dir else stage_dir.parent / "seg"
   card, variables = model_folder.card_from_seg_stage(
       seg_dir, str(cfg.checkpoint), pixel_size_um=mpp, data_dir=str(cfg.data_dir))

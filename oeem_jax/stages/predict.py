@@ -80,23 +80,6 @@ def inference_settings(cfg: ml_collections.ConfigDict, card: dict[str, Any]) -> 
   return out
 
 
-def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """Range checks of the `predict` keys that do not depend on the model.
-
-  Raises:
-    InputError: the first bad value, named by its key.
-  """
-  checks = [("input_mpp", float(cfg.input_mpp) >= 0, "a pixel size in µm/px > 0, or 0 = from the file"),
-            ("region_size", int(cfg.region_size) >= 16, "a region side >= 16 px (default 2048)"),
-            ("overlay_max_side", int(cfg.overlay_max_side) >= 16, "a side >= 16 px"),
-            ("tiff_mask_pixels", int(cfg.tiff_mask_pixels) >= 0, "a pixel count >= 0"),
-            ("simplify_px", float(cfg.simplify_px) >= 0, "a tolerance in px >= 0 (0 = exact)"),
-            ("stain_z_max", float(cfg.stain_z_max) > 0, "a number of standard deviations > 0")]
-  for key, ok, expected in checks:
-    if not ok:
-      raise InputError(f"config key predict.{key} is {cfg[key]}; expected {expected}")
-
-
 def pixel_size(source: images.ImageSource, input_mpp: float) -> images.PixelSize:
   """The input's pixel size: `predict.input_mpp` when > 0 (a file value that differs by more than
   5 % is noted), else the file's (`ImageSource.pixel_size`)."""
@@ -331,7 +314,6 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   from oeem_jax.model_folder import load_model
 
   cfg = config.predict
-  check_config(cfg)
   files = images.list_inputs(cfg.inputs)
   names = images.output_names(files)
   loaded = load_model(cfg.model, str(cfg.checkpoint))
