@@ -2,6 +2,7 @@ r"""Seconds per megapixel and peak memory of stage predict as the input grows.
 
     python launch/bench_predict.py --sizes=1000,2000,3000 --out=/tmp/bench_predict
     python launch/bench_predict.py --model=W/export/model --sizes=1000,5000,10000   # a real model
+    python launch/bench_predict.py --model=W/export/model --scales=1.0 --flip=false   # its cheapest settings
 
 Each size runs in a fresh subprocess, which reports its own peak RSS
 (`resource.getrusage(RUSAGE_SELF).ru_maxrss` after predict): a tiled TIFF of N x N px is tiled from the synthetic H&E drawing, then stage predict runs on it
@@ -64,6 +65,10 @@ def child(args) -> None:
   c = load_config_file("predict").get_config()
   c.predict.model, c.predict.inputs = args.model, args.image
   c.predict.region_size = args.region_size
+  if args.scales:
+    c.predict.scales = tuple(float(v) for v in args.scales.split(","))
+  if args.flip:
+    c.predict.flip = args.flip == "true"
   start = time.time()
   s = stages.run_stage(c, args.workdir)
   rec = s["images"][0]
@@ -78,6 +83,8 @@ def main() -> None:
   p.add_argument("--sizes", default="1000,2000,3000", help="image sides in px, comma-separated")
   p.add_argument("--model", default="", help="model folder (default: a tiny random one)")
   p.add_argument("--region_size", type=int, default=1024)
+  p.add_argument("--scales", default="", help="e.g. 1.0 or 0.75,1,1.25 (default: the model's)")
+  p.add_argument("--flip", default="", choices=("", "true", "false"), help="default: the model's")
   p.add_argument("--out", default="", help="work folder (default: a temp folder)")
   p.add_argument("--json", default="", help="also write the rows here")
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -96,7 +103,8 @@ def main() -> None:
     if not image.is_file():
       make_tiff(image, side)
     cmd = [sys.executable, __file__, "--child", f"--model={model}", f"--image={image}",
-           f"--workdir={out / f'run_{side}'}", f"--region_size={args.region_size}"]
+           f"--workdir={out / f'run_{side}'}", f"--region_size={args.region_size}",
+           f"--scales={args.scales}", f"--flip={args.flip}"]
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     res = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if res.returncode != 0:

@@ -280,7 +280,11 @@ def next_steps(summary: dict, workdir: str, config_spec: str = "") -> list[str]:
                    "with --config.stage_seg.seg.loss_kind=ce and another --workdir")
     return lines
   lines.append(f"results: {out}/ (summary.json)")
-  if stage == "prepare" and synthetic:
+  if stage == "export":
+    model = summary.get("model_dir") or f"{out}/model"
+    lines.append(f"next: python -m oeem_jax.main --config=configs/predict.py --config.predict.model={model} "
+                 "--config.predict.inputs='my_images/*.tif' --workdir=OUT")
+  elif stage == "prepare" and synthetic:
     lines.append(f"next: python -m oeem_jax.main --config=configs/pipeline.py:demo --workdir={workdir}")
   else:
     follow = {"prepare": "cls.py", "cls": "cam.py", "cam": "seg_oeem.py", "seg": "eval.py"}.get(stage)

@@ -126,6 +126,17 @@ def test_quiet_log_one_banner_and_where_to_go_next(tmp_path, data_cache, synthet
                   f"next: python -m oeem_jax.main --config=configs/pipeline.py:demo --workdir={tmp_path}"]
 
 
+def test_next_steps_after_export_and_seg_name_the_next_command():
+  from oeem_jax.main import next_steps
+  lines = next_steps({"stage": "export", "model_dir": "/w/export/model"}, "/w", "configs/export.py")
+  assert lines == ["results: /w/export/ (summary.json)",
+                   "next: python -m oeem_jax.main --config=configs/predict.py --config.predict.model="
+                   "/w/export/model --config.predict.inputs='my_images/*.tif' --workdir=OUT"]
+  lines = next_steps({"stage": "seg"}, "/w", "configs/seg_oeem.py:cpu")
+  assert lines[-1] == ("next: python -m oeem_jax.main --config=configs/eval.py:cpu --workdir=/w "
+                       "--config.data.dir=/path/to/glas")
+
+
 # ---- no folder left behind, files respect the umask -----------------------------------------------
 
 
