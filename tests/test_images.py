@@ -47,6 +47,28 @@ def test_tiff_regions_equal_the_array(tmp_path, rgb, kind):
       src.read(0, H + 1, 0, 1)
 
 
+@pytest.mark.parametrize("compression", ["jpeg", "lzw"])
+def test_jpeg_and_lzw_tiffs_like_svs_slides_decode_region_by_region(tmp_path, compression):
+  # Most .svs slides are tiled JPEG-in-TIFF (YCbCr); tifffile decodes them with imagecodecs, a
+  # dependency. A smooth image so that JPEG's error is small; LZW is lossless.
+  pytest.importorskip("imagecodecs", reason="imagecodecs is a dependency; reinstall oeem_jax")
+  yy, xx = np.mgrid[0:H, 0:W]
+  smooth = np.stack([100 + 80 * np.sin(yy / 17), 120 + 60 * np.cos(xx / 23),
+                     150 + 0 * yy], -1).astype(np.uint8)
+  path = tmp_path / f"{compression}.tif"
+  tifffile.imwrite(path, smooth, tile=(64, 64), photometric="rgb", compression=compression)
+  decoded = tifffile.imread(path)  # the whole file, decoded at once
+  error = np.abs(decoded.astype(int) - smooth)
+  if compression == "lzw":
+    assert error.max() == 0
+  else:
+    assert 0 < error.mean() < 2.0  # lossy, and the file did hold JPEG data
+  with images.open_image(path) as src:
+    assert compression.upper() in src.description.upper()
+    for y0, y1, x0, x1 in WINDOWS:  # region reads = the same pixels of the whole decode
+      np.testing.assert_array_equal(src.read(y0, y1, x0, x1), decoded[y0:y1, x0:x1])
+
+
 def test_tiled_tiff_reads_only_the_tiles_under_a_region(tmp_path, rgb):
   path = tmp_path / "t.tif"
   tifffile.imwrite(path, rgb, tile=(32, 32), photometric="rgb")
