@@ -32,7 +32,7 @@ def add_eval_config(c):
   c.eval.seg_dir = ""              # "" = WORKDIR/seg
   # "latest" (the end of the lr schedule), "best" (by validation mIoU) or a step number. Default
   # "latest": a weakly supervised run should not pick its model with pixel labels, and on the 10
-  # validation images "best" is noise (README "Results": it cost the :cpu OEEM run 4.5 test mIoU).
+  # validation images "best" is noise (docs/results.md: it cost a :cpu OEEM run test mIoU).
   c.eval.checkpoint = "latest"
   c.eval.splits = "test_a,test_b,test"
   c.eval.scales = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)

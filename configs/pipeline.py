@@ -57,15 +57,14 @@ def get_config(arg: str | None = None):
       s.train.log_every = 25
       s.checkpoint.every = 0
       s.checkpoint.async_save = False
-    # docs/reproducibility.md (issue 13). The former 60 classifier steps gave pseudo-masks of mIoU 66
-    # (train images); 150 give 84-88, and the CAM at scales 1 and 1.5 (configs/cam.py:demo) adds 3.
+    # 150 classifier steps and CAMs at scales 1 and 1.5 (configs/cam.py:demo): pseudo-masks good
+    # enough to learn from on any machine (docs/reproducibility.md).
     c.stage_cls.train.steps = 150
     c.stage_cls.train.batch_size = 8
     c.stage_cls.train.eval_every = 0
-    # The segmenter: 150 steps at lr 0.02, batch 4, WITHOUT the photometric distortion. Its hue and
-    # saturation jitter wipes out the colour that tells the synthetic glands from the stroma (even on
-    # the true masks the test mIoU was 48 with it, 90 without), and with it the outcome swung with
-    # every change of the low-order bits (seeds 0-3: test mIoU 37-56; 77.7 on the machine of Nov 30).
+    # The segmenter: 150 steps at lr 0.02, batch 4, WITHOUT the photometric distortion: its hue and
+    # saturation jitter wipes out the colour that tells the synthetic glands from the stroma, and
+    # the outcome then swung with the low-order bits of each machine (docs/reproducibility.md).
     c.stage_seg.train.steps = 150
     c.stage_seg.train.lr = 0.02
     c.stage_seg.train.batch_size = 4

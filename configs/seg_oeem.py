@@ -47,12 +47,11 @@ def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str):
     c.seg.eval_window = 224
     c.seg.eval_stride = 192
     c.train.batch_size = 8
-    # 4,000 steps fill the 90-minute CPU budget of pipeline.py:cpu (80 min measured); OEEM test
-    # mIoU 68.02 vs 64.82 after 2,000 (README "Results").
+    # 4,000 steps fill the 90-minute CPU budget of pipeline.py:cpu_scratch; better than 2,000
+    # (docs/results.md).
     c.train.steps = 4000
     # The CPU eval predicts at scales 0.75-1.25 (configs/eval.py:cpu), so train near them; 112 crops
-    # at 0.5-1.5 also keep more context than the reference's 0.75-3 (val mIoU after 300 steps from
-    # the classifier backbone: 64.7 vs 64.3, README "Results").
+    # at 0.5-1.5 also keep more context than the reference's 0.75-3 (docs/results.md, "Choices").
     c.seg.scale_min = 0.5
     c.seg.scale_max = 1.5
     c.train.eval_every = 500
@@ -65,10 +64,9 @@ def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str):
   if arg == "cpu":
     config_base.use_pretrained_efficientnet(c)
     c.model.width = 0.25
-    # Chosen on the 10 validation images at step 300 of this 1,200-step schedule, from the eff1
-    # pseudo-masks (docs/results.md): backbone from the stage-cls classifier (itself from ImageNet)
-    # 63.26 vs ImageNet 60.32 val mIoU; lr 0.02 66.05 vs 5e-3 60.32. The fully supervised run has no
-    # cls stage: it starts from ImageNet.
+    # Backbone from the stage-cls classifier (itself from ImageNet) and lr 0.02: both chosen on the
+    # 10 validation images at step 300 (docs/results.md, "Choices"). The fully supervised run has
+    # no cls stage: it starts from ImageNet.
     if mask_source == "pseudo":
       c.seg.backbone_init = "cls"
       c.model.init_checkpoint = ""  # the classifier's backbone already started from ImageNet
