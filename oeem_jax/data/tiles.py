@@ -113,6 +113,28 @@ def patch_labels(mask_tiles: np.ndarray, threshold: float = 0.05) -> np.ndarray:
   return np.stack([(npix - gland) > limit, gland > limit], axis=1).astype(np.uint8)
 
 
+def example_tiles(example, tile: int = TILE, stride: int = STRIDE, threshold: float = 0.05, *,
+                  images: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+  """Tiles and patch labels of one example: the classifier's training / validation / CAM input.
+
+  Args:
+    example: anything with `.image` uint8[H, W, 3] and `.mask` [H, W] instance ids (0 = non-gland),
+      e.g. an `oeem_jax.data.source.Example`.
+    tile, stride: grid parameters in pixels (`tile_boxes` order).
+    threshold: patch-label area fraction in [0, 1) (`patch_labels`).
+    images: False skips cutting the image (only the labels are wanted); the tiles are then None.
+
+  Returns:
+    (image tiles uint8[T, tile, tile, 3] or None, labels uint8[T, 2] [non-gland, gland]), T =
+    `len(tile_boxes(H, W, tile, stride))`; tiles past a short side are zero-padded (`extract_tiles`).
+
+  Raises:
+    ValueError: a mask that is not 2-D, or a threshold outside [0, 1).
+  """
+  labels = patch_labels(extract_tiles(example.mask, tile, stride), threshold)
+  return (extract_tiles(example.image, tile, stride) if images else None), labels
+
+
 def _check_boxes(boxes: np.ndarray, n: int, t: int, h: int, w: int) -> np.ndarray:
   boxes = np.asarray(boxes, np.int64)
   if boxes.shape != (n, 2):
