@@ -135,7 +135,15 @@ def example_tiles(example, tile: int = TILE, stride: int = STRIDE, threshold: fl
   return (extract_tiles(example.image, tile, stride) if images else None), labels
 
 
-def _check_boxes(boxes: np.ndarray, n: int, t: int, h: int, w: int) -> np.ndarray:
+def _check_tiles(tiles, ndim: int, what: str, boxes, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+  """`tiles` as an array [T, t, t, ...] with `ndim` dims (`what` names it), `boxes` as int64[T, 2]."""
+  tiles = np.asarray(tiles)
+  if tiles.ndim != ndim or tiles.shape[1] != tiles.shape[2]:
+    raise ValueError(f"{what}, got shape {tiles.shape}")
+  return tiles, _check_boxes(boxes, tiles.shape[0], h, w)
+
+
+def _check_boxes(boxes: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
   boxes = np.asarray(boxes, np.int64)
   if boxes.shape != (n, 2):
     raise ValueError(f"boxes must be int[{n}, 2] (y, x) to match {n} tiles, got shape {boxes.shape}")
@@ -172,10 +180,7 @@ def stitch_scores(tile_scores: np.ndarray, boxes: np.ndarray, h: int, w: int) ->
   Raises:
     ValueError: shape mismatch, or a pixel no tile covers.
   """
-  tile_scores = np.asarray(tile_scores)
-  if tile_scores.ndim != 4 or tile_scores.shape[1] != tile_scores.shape[2]:
-    raise ValueError(f"tile_scores must be [T, t, t, C], got shape {tile_scores.shape}")
-  boxes = _check_boxes(boxes, tile_scores.shape[0], tile_scores.shape[1], h, w)
+  tile_scores, boxes = _check_tiles(tile_scores, 4, "tile_scores must be [T, t, t, C]", boxes, h, w)
   total, count = _accumulate(tile_scores.astype(np.float64), boxes, h, w)
   return (total / count[..., None]).astype(np.float32)
 
@@ -197,9 +202,6 @@ def stitch_masks(tile_masks: np.ndarray, boxes: np.ndarray, h: int, w: int) -> n
   Raises:
     ValueError: shape mismatch, or a pixel no tile covers.
   """
-  tile_masks = np.asarray(tile_masks)
-  if tile_masks.ndim != 3 or tile_masks.shape[1] != tile_masks.shape[2]:
-    raise ValueError(f"tile_masks must be [T, t, t], got shape {tile_masks.shape}")
-  boxes = _check_boxes(boxes, tile_masks.shape[0], tile_masks.shape[1], h, w)
+  tile_masks, boxes = _check_tiles(tile_masks, 3, "tile_masks must be [T, t, t]", boxes, h, w)
   votes, count = _accumulate((tile_masks > 0).astype(np.float64), boxes, h, w)
   return (2 * votes > count).astype(np.uint8)
