@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from oeem_jax.config_base import get_base_config
-from oeem_jax.data import glas, synthetic
+from oeem_jax.data import glas, loader, synthetic
 
 TINY = {"train": 2, "test_a": 1, "test_b": 1}
 
@@ -141,6 +141,26 @@ def test_bmp_layout_loads_and_cache_is_keyed(tmp_path):
   changed = glas.load_splits(cfg)
   assert changed.cache_dir != data.cache_dir
   np.testing.assert_array_equal(changed.splits["train"][0].image, new)
+
+
+def test_decoded_examples_are_kept_per_process(tmp_path, monkeypatch):
+  # A second load of an unchanged folder decodes nothing (same Example objects, new lists) and carves
+  # the validation subset from its own config; another cache root is a different key.
+  _write_tiny(tmp_path / "src")
+  cfg = _cfg(dir=str(tmp_path / "src"), cache_dir=str(tmp_path / "cache"), allow_partial=True)
+  first = glas.load_splits(cfg)
+  reads = []
+  real_read = glas.read_split
+  monkeypatch.setattr(glas, "read_split", lambda builder, split: reads.append(split) or real_read(builder, split))
+  again = glas.load_splits(cfg)
+  assert reads == []
+  assert again.splits["train"] is not first.splits["train"]
+  assert [id(e) for e in again.splits["train"]] == [id(e) for e in first.splits["train"]]
+  assert (again.cache_dir, again.notes, again.counts()) == (first.cache_dir, first.notes, first.counts())
+  other = glas.load_splits(_cfg(dir=str(tmp_path / "src"), cache_dir=str(tmp_path / "cache2"), allow_partial=True))
+  assert sorted(reads) == ["test_a", "test_b", "train"] and other.cache_dir != first.cache_dir
+  for a, b in zip(other.splits["test"], first.splits["test"]):
+    np.testing.assert_array_equal(a.image, b.image)
 
 
 # --------------------------------------------------------------------------- bad input
@@ -282,7 +302,9 @@ def test_binary_masks_become_connected_components(tmp_path):
     Image.fromarray(((arrays[name][1] > 0) * value).astype(np.uint8)).save(
         tmp_path / "a" / f"{name}_anno.png")
   cfg = _cfg(dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"), allow_partial=True)
-  for attempt in ("build", "reuse"):
+  for attempt in ("build", "in memory", "reuse"):
+    if attempt == "reuse":
+      loader.forget_decoded()  # read the prepared TFDS cache again, with its decode_notes.json
     data = glas.load_splits(cfg)
     masks = {e.name: e.mask for split in ("train", "test") for e in data.splits[split]}
     for name in ("train_1", "testA_1", "train_2"):

@@ -114,3 +114,26 @@ def test_real_stitch_round_trip_exact(glas_dir):
   np.testing.assert_array_equal(tiles.stitch_masks(tiles.extract_tiles(binary), boxes, h, w), binary)
   onehot = np.eye(2, dtype=np.float32)[binary]
   np.testing.assert_array_equal(tiles.stitch_scores(tiles.extract_tiles(onehot), boxes, h, w), onehot)
+
+
+def test_example_tiles_is_tiles_and_labels_of_one_example():
+  # A 40x150 example (one side shorter than the tile): image tiles as extract_tiles, labels from the
+  # instance ids (any id > 0 is gland), the same labels without cutting the image.
+  from types import SimpleNamespace
+  rng = np.random.default_rng(3)
+  image = rng.integers(0, 256, (40, 150, 3), dtype=np.uint8)
+  mask = np.zeros((40, 150), np.uint8)
+  mask[5:30, 10:60] = 1
+  mask[10:40, 100:150] = 7
+  ex = SimpleNamespace(image=image, mask=mask)
+  t, labels = tiles.example_tiles(ex, 32, 16, 0.2)
+  np.testing.assert_array_equal(t, tiles.extract_tiles(image, 32, 16))
+  np.testing.assert_array_equal(labels, tiles.patch_labels(tiles.extract_tiles(mask > 0, 32, 16), 0.2))
+  assert t.dtype == np.uint8 and labels.dtype == np.uint8
+  assert t.shape == (len(tiles.tile_boxes(40, 150, 32, 16)), 32, 32, 3)
+  none, same = tiles.example_tiles(ex, 32, 16, 0.2, images=False)
+  assert none is None
+  np.testing.assert_array_equal(same, labels)
+  small = SimpleNamespace(image=image[:20, :20], mask=mask[:20, :20])
+  t, labels = tiles.example_tiles(small)  # 112 tiles, stride 56, threshold 0.05: one padded tile, whose
+  assert t.shape == (1, 112, 112, 3) and labels.tolist() == [[1, 0]]  # 150 gland pixels are 1.2 % of it

@@ -113,7 +113,37 @@ def patch_labels(mask_tiles: np.ndarray, threshold: float = 0.05) -> np.ndarray:
   return np.stack([(npix - gland) > limit, gland > limit], axis=1).astype(np.uint8)
 
 
-def _check_boxes(boxes: np.ndarray, n: int, t: int, h: int, w: int) -> np.ndarray:
+def example_tiles(example, tile: int = TILE, stride: int = STRIDE, threshold: float = 0.05, *,
+                  images: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+  """Tiles and patch labels of one example: the classifier's training / validation / CAM input.
+
+  Args:
+    example: anything with `.image` uint8[H, W, 3] and `.mask` [H, W] instance ids (0 = non-gland),
+      e.g. an `oeem_jax.data.source.Example`.
+    tile, stride: grid parameters in pixels (`tile_boxes` order).
+    threshold: patch-label area fraction in [0, 1) (`patch_labels`).
+    images: False skips cutting the image (only the labels are wanted); the tiles are then None.
+
+  Returns:
+    (image tiles uint8[T, tile, tile, 3] or None, labels uint8[T, 2] [non-gland, gland]), T =
+    `len(tile_boxes(H, W, tile, stride))`; tiles past a short side are zero-padded (`extract_tiles`).
+
+  Raises:
+    ValueError: a mask that is not 2-D, or a threshold outside [0, 1).
+  """
+  labels = patch_labels(extract_tiles(example.mask, tile, stride), threshold)
+  return (extract_tiles(example.image, tile, stride) if images else None), labels
+
+
+def _check_tiles(tiles, ndim: int, what: str, boxes, h: int, w: int) -> tuple[np.ndarray, np.ndarray]:
+  """`tiles` as an array [T, t, t, ...] with `ndim` dims (`what` names it), `boxes` as int64[T, 2]."""
+  tiles = np.asarray(tiles)
+  if tiles.ndim != ndim or tiles.shape[1] != tiles.shape[2]:
+    raise ValueError(f"{what}, got shape {tiles.shape}")
+  return tiles, _check_boxes(boxes, tiles.shape[0], h, w)
+
+
+def _check_boxes(boxes: np.ndarray, n: int, h: int, w: int) -> np.ndarray:
   boxes = np.asarray(boxes, np.int64)
   if boxes.shape != (n, 2):
     raise ValueError(f"boxes must be int[{n}, 2] (y, x) to match {n} tiles, got shape {boxes.shape}")
@@ -150,10 +180,7 @@ def stitch_scores(tile_scores: np.ndarray, boxes: np.ndarray, h: int, w: int) ->
   Raises:
     ValueError: shape mismatch, or a pixel no tile covers.
   """
-  tile_scores = np.asarray(tile_scores)
-  if tile_scores.ndim != 4 or tile_scores.shape[1] != tile_scores.shape[2]:
-    raise ValueError(f"tile_scores must be [T, t, t, C], got shape {tile_scores.shape}")
-  boxes = _check_boxes(boxes, tile_scores.shape[0], tile_scores.shape[1], h, w)
+  tile_scores, boxes = _check_tiles(tile_scores, 4, "tile_scores must be [T, t, t, C]", boxes, h, w)
   total, count = _accumulate(tile_scores.astype(np.float64), boxes, h, w)
   return (total / count[..., None]).astype(np.float32)
 
@@ -175,9 +202,6 @@ def stitch_masks(tile_masks: np.ndarray, boxes: np.ndarray, h: int, w: int) -> n
   Raises:
     ValueError: shape mismatch, or a pixel no tile covers.
   """
-  tile_masks = np.asarray(tile_masks)
-  if tile_masks.ndim != 3 or tile_masks.shape[1] != tile_masks.shape[2]:
-    raise ValueError(f"tile_masks must be [T, t, t], got shape {tile_masks.shape}")
-  boxes = _check_boxes(boxes, tile_masks.shape[0], tile_masks.shape[1], h, w)
+  tile_masks, boxes = _check_tiles(tile_masks, 3, "tile_masks must be [T, t, t]", boxes, h, w)
   votes, count = _accumulate((tile_masks > 0).astype(np.float64), boxes, h, w)
   return (2 * votes > count).astype(np.uint8)

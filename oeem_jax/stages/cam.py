@@ -84,9 +84,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   for k, ex in enumerate(examples):
     h, w = ex.mask.shape
     boxes = tiles_lib.tile_boxes(h, w, tile, stride)
-    img_tiles = tiles_lib.extract_tiles(ex.image, tile, stride)
-    labels = tiles_lib.patch_labels(tiles_lib.extract_tiles(ex.mask > 0, tile, stride),
-                                    float(data_cfg.label_threshold))
+    img_tiles, labels = tiles_lib.example_tiles(ex, tile, stride, float(data_cfg.label_threshold))
     masked, unmasked = pseudo_mask.tile_pseudo_masks(
         img_tiles, labels, cam_fn, cam_params=variables, batch_size=int(cam_cfg.batch_size),
         scales=scales, cam_input=int(trained.cls.input_size), return_unmasked=True,

@@ -81,9 +81,9 @@ def build_tiles(examples: Sequence[Any], data_cfg) -> tuple[np.ndarray, np.ndarr
   size, stride = int(data_cfg.tile_size), int(data_cfg.tile_stride)
   tiles, labels = [], []
   for ex in examples:
-    tiles.append(tiles_lib.extract_tiles(ex.image, size, stride))
-    labels.append(tiles_lib.patch_labels(tiles_lib.extract_tiles(ex.mask, size, stride),
-                                         float(data_cfg.label_threshold)))
+    t, lab = tiles_lib.example_tiles(ex, size, stride, float(data_cfg.label_threshold))
+    tiles.append(t)
+    labels.append(lab)
   return np.concatenate(tiles), np.concatenate(labels)
 
 
@@ -124,10 +124,9 @@ class Validator:
     self.size, self.stride = int(data_cfg.tile_size), int(data_cfg.tile_stride)
     self.tiles, self.labels, self.counts = [], [], []
     for ex in self.examples:
-      t = tiles_lib.extract_tiles(ex.image, self.size, self.stride)
+      t, lab = tiles_lib.example_tiles(ex, self.size, self.stride, float(data_cfg.label_threshold))
       self.tiles.append(t)
-      self.labels.append(tiles_lib.patch_labels(tiles_lib.extract_tiles(ex.mask, self.size, self.stride),
-                                                float(data_cfg.label_threshold)))
+      self.labels.append(lab)
       self.counts.append(len(t))
     self.mesh = mesh
     self.batch = -(-int(batch_size) // mesh.size) * mesh.size

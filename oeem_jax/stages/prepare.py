@@ -53,7 +53,7 @@ def tile_summary(examples: Sequence[glas.Example], tile: int, stride: int, thres
   counts = Counter()
   n = 0
   for e in examples:
-    labels = tiles.patch_labels(tiles.extract_tiles(e.mask, tile, stride), threshold)
+    _, labels = tiles.example_tiles(e, tile, stride, threshold, images=False)
     n += labels.shape[0]
     for key, pat in PATTERNS.items():
       counts[key] += int(np.all(labels == np.array(pat, np.uint8), axis=1).sum())
