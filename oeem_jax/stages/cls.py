@@ -278,11 +278,12 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   else:
     logging.warning("cls: no validation images (data.val_count = 0): no evaluation, no best checkpoint")
 
-  result = train.train_loop(
-      stage_dir=stage_dir, init_variables=init_variables, pretrained=load, loss_fn=loss_fn,
-      make_iterator=make_iterator, tx=tx, schedule=schedule, total_steps=steps, eval_fn=validator,
-      best_metric="cam_miou" if validator else None, mesh=mesh, name="cls",
-      run_identity=train.run_identity(config, ("cls", "model", "data")), **train.loop_options(config))
+  task = train.Task(init_variables=init_variables, loss_fn=loss_fn, make_iterator=make_iterator,
+                    tx=tx, schedule=schedule, pretrained=load, eval_fn=validator)
+  options = train.LoopOptions.from_config(config, steps, name="cls",
+                                          best_metric="cam_miou" if validator else None)
+  result = train.train_loop(stage_dir, task, options, mesh=mesh,
+                            run_identity=train.run_identity(config, ("cls", "model", "data")))
   best = result["best_eval"]
   fe = result["final_eval"]
   line = f"cls: {result['steps']} steps, final train loss {result['final_train'].get('loss', float('nan')):.4f}"

@@ -336,11 +336,12 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   identity = train.run_identity(config, ("seg", "model", "data"))
   identity["seg"]["pseudo_dir"] = None  # where the masks live does not matter, their content does:
   identity["masks_sha256"] = _masks_digest(masks)
-  result = train.train_loop(
-      stage_dir=stage_dir, init_variables=init_variables, pretrained=load, loss_fn=loss_fn,
-      make_iterator=make_iterator, tx=tx, schedule=schedule, total_steps=steps, eval_fn=validator,
-      best_metric="miou" if validator else None, mesh=mesh, name="seg",
-      run_identity=identity, **train.loop_options(config))
+  task = train.Task(init_variables=init_variables, loss_fn=loss_fn, make_iterator=make_iterator,
+                    tx=tx, schedule=schedule, pretrained=load, eval_fn=validator)
+  options = train.LoopOptions.from_config(config, steps, name="seg",
+                                          best_metric="miou" if validator else None)
+  result = train.train_loop(stage_dir, task, options, mesh=mesh,
+                            run_identity=identity)
   fe, best = result["final_eval"], result["best_eval"]
   line = (f"seg ({config.seg.mask_source} masks, {config.seg.loss_kind}): {result['steps']} steps, "
           f"final train loss {result['final_train'].get('loss', float('nan')):.4f}")

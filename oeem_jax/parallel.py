@@ -1,0 +1,118 @@
+"""Devices and hosts: multi-process set-up, the 1-D data mesh, and placing arrays on it.
+
+One 1-D `jax.sharding.Mesh` over every device of every process, axis name `"data"`. Batches are
+sharded along their leading axis with `NamedSharding(mesh, P("data"))`; the train state is
+replicated (`P()`). Each process feeds only its own rows through
+`jax.make_array_from_process_local_data`. Multi-host runs call `jax.distributed.initialize()` first
+(`setup_distributed`).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+from absl import logging
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+PyTree = Any
+Batch = Mapping[str, np.ndarray]
+
+DATA_AXIS = "data"
+
+
+def setup_distributed(mode: str | bool = "auto") -> bool:
+  """Calls `jax.distributed.initialize()` when asked; returns whether JAX runs multi-process.
+
+  Call it before anything touches a JAX device. Modes (config key `train.distributed`):
+    * "auto" (default): initialise when `$JAX_COORDINATOR_ADDRESS` is set or `$OEEM_DISTRIBUTED=1`;
+    * "on" / True: always initialise (JAX auto-detects TPU pods, SLURM, Open MPI, Kubernetes);
+    * "off" / False: never.
+  `$JAX_COORDINATOR_ADDRESS` (host:port of process 0), `$JAX_NUM_PROCESSES` and `$JAX_PROCESS_ID`
+  are passed on when set (what launch/train_multihost.sh exports). Idempotent.
+
+  Raises:
+    config_check.ConfigError (a ValueError): unknown mode.
+  """
+  mode = {True: "on", False: "off"}.get(mode, mode)
+  if mode not in ("auto", "on", "off"):
+    from oeem_jax.config_check import ConfigError
+    raise ConfigError("train.distributed", repr(mode), "'auto', 'on' or 'off'")
+  wanted = mode == "on" or (mode == "auto" and (
+      bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or os.environ.get("OEEM_DISTRIBUTED") == "1"))
+  if wanted and not jax.distributed.is_initialized():
+    kwargs: dict[str, Any] = {}
+    if os.environ.get("JAX_NUM_PROCESSES"):
+      kwargs["num_processes"] = int(os.environ["JAX_NUM_PROCESSES"])
+    if os.environ.get("JAX_PROCESS_ID"):
+      kwargs["process_id"] = int(os.environ["JAX_PROCESS_ID"])
+    jax.distributed.initialize(**kwargs)
+    logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count())
+  return jax.process_count() > 1
+
+
+def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
+  """1-D mesh named "data" over `devices` (default: every device of every process)."""
+  devs = np.asarray(list(jax.devices() if devices is None else devices))
+  return Mesh(devs, (DATA_AXIS,))
+
+
+def round_to_mesh(batch_size: int, mesh: Mesh) -> int:
+  """`batch_size` rounded up to a multiple of the mesh's device count (>= 1 device per row block).
+
+  For evaluation batches, which are padded to this size and sharded over "data".
+  """
+  return -(-int(batch_size) // mesh.size) * mesh.size
+
+
+def replicate(tree: PyTree, mesh: Mesh) -> PyTree:
+  """Places a pytree of host/device arrays replicated on every device of `mesh` (multi-host safe:
+  every process must pass the same values). Shapes and dtypes are kept."""
+  sharding = NamedSharding(mesh, P())
+
+  def put(x):
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+  return jax.tree.map(put, tree)
+
+
+def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
+  """This process's rows of a batch -> global arrays sharded along axis 0 over the "data" axis.
+
+  Args:
+    batch: dict of arrays [B_local, ...]; every process passes its own B_local rows, in process order.
+
+  Returns:
+    dict of global arrays [B_local * process_count, ...], same dtypes.
+
+  Raises:
+    config_check.ConfigError (a ValueError): the global batch is not divisible by the number of
+      devices (names config key train.batch_size).
+  """
+  out = {}
+  for key, value in batch.items():
+    value = np.asarray(value)
+    global_rows = value.shape[0] * jax.process_count()
+    if global_rows % mesh.size:
+      from oeem_jax.config_check import ConfigError
+      raise ConfigError("train.batch_size", str(global_rows),
+                        f"a multiple of the {mesh.size} devices of the mesh (batch[{key!r}])")
+    sharding = NamedSharding(mesh, P(DATA_AXIS, *([None] * (value.ndim - 1))))
+    out[key] = jax.make_array_from_process_local_data(sharding, value,
+                                                      (global_rows,) + value.shape[1:])
+  return out
+
+
+def shard_global(x: np.ndarray, mesh: Mesh) -> jax.Array:
+  """A host array that every process holds in full -> global array sharded over "data" (axis 0).
+
+  For evaluation inputs (each process computes the same list). Axis 0 must be divisible by the
+  mesh size (`round_to_mesh`); shape and dtype are kept.
+  """
+  x = np.asarray(x)
+  sharding = NamedSharding(mesh, P(DATA_AXIS, *([None] * (x.ndim - 1))))
+  return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
