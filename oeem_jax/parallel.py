@@ -10,7 +10,7 @@ replicated (`P()`). Each process feeds only its own rows through
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -116,3 +116,50 @@ def shard_global(x: np.ndarray, mesh: Mesh) -> jax.Array:
   x = np.asarray(x)
   sharding = NamedSharding(mesh, P(DATA_AXIS, *([None] * (x.ndim - 1))))
   return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def padded_batches(arrays: Sequence[np.ndarray], batch_size: int
+                   ) -> Iterator[tuple[int, list[np.ndarray]]]:
+  """Splits equally long arrays into fixed-size batches along axis 0, the last one zero-padded.
+
+  Args:
+    arrays: NumPy arrays [N, ...] (same N).
+    batch_size: rows per batch (>= 1).
+
+  Yields:
+    (k, batch arrays [batch_size, ...] of the input dtypes): rows 0..k-1 are real, the rest zeros.
+  """
+  n = len(arrays[0])
+  for start in range(0, n, batch_size):
+    chunk = [a[start:start + batch_size] for a in arrays]
+    k = len(chunk[0])
+    if k < batch_size:
+      chunk = [np.concatenate([c, np.zeros((batch_size - k,) + c.shape[1:], c.dtype)]) for c in chunk]
+    yield k, chunk
+
+
+class BatchedApply:
+  """A jitted evaluation function applied in fixed-size batches sharded over the "data" axis.
+
+  Every call has the same shapes, so `fn` compiles once; its outputs are gathered replicated.
+
+  Args:
+    fn: (variables, *inputs [batch, ...]) -> an array or a tuple of arrays with leading axis batch.
+    mesh: device mesh.
+    batch_size: rows per call, rounded up to a multiple of the device count (`round_to_mesh`).
+  """
+
+  def __init__(self, fn: Callable, mesh: Mesh, batch_size: int):
+    self.mesh = mesh
+    self.batch = round_to_mesh(batch_size, mesh)
+    self._fn = jax.jit(fn, out_shardings=NamedSharding(mesh, P()))
+
+  def __call__(self, variables: PyTree, *inputs: np.ndarray):
+    """`fn` on one batch of exactly `self.batch` rows per input (host arrays); device outputs."""
+    return self._fn(variables, *(shard_global(x, self.mesh) for x in inputs))
+
+  def map(self, variables: PyTree, *arrays: np.ndarray) -> list[np.ndarray]:
+    """`fn` over every row of `arrays` ([N, ...] each, N >= 1; the last batch is padded), for an
+    `fn` returning a tuple: one NumPy array [N, ...] per output."""
+    outs = [(k, self(variables, *chunk)) for k, chunk in padded_batches(arrays, self.batch)]
+    return [np.concatenate([np.asarray(o[i])[:k] for k, o in outs]) for i in range(len(outs[0][1]))]
