@@ -62,10 +62,8 @@ def make_mesh(devices: Iterable[jax.Device] | None = None) -> Mesh:
 
 
 def round_to_mesh(batch_size: int, mesh: Mesh) -> int:
-  """`batch_size` rounded up to a multiple of the mesh's device count (>= 1 device per row block).
-
-  For evaluation batches, which are padded to this size and sharded over "data".
-  """
+  """`batch_size` (rows) rounded up to a multiple of the mesh's device count, so that a batch of
+  that many rows shards evenly over "data" (evaluation batches are padded to this size)."""
   return -(-int(batch_size) // mesh.size) * mesh.size
 
 
