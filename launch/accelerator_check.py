@@ -424,13 +424,15 @@ def run_loop(dtype: str, *, width: float, batch: int, size: int, steps: int, wor
 
   def loop() -> tuple[dict[str, Any], float]:
     t0 = time.perf_counter()
-    out = train.train_loop(
-        stage_dir=stage_dir, init_variables=lambda rng: zeros, pretrained=lambda _: host,
-        loss_fn=task["loss_fn"], make_iterator=make_iterator, tx=task["tx"], schedule=task["schedule"],
-        total_steps=steps, seed=seed, checkpoint_every=steps // 2, keep=2,
-        log_every=max(1, steps // 4), async_checkpoint=True, mesh=train.make_mesh(), name="check",
-        tensorboard=False, run_identity={"check": "accelerator", "dtype": dtype, "width": width,
-                                         "batch": batch, "size": size, "steps": steps})
+    loop_task = train.Task(init_variables=lambda rng: zeros, pretrained=lambda _: host,
+                           loss_fn=task["loss_fn"], make_iterator=make_iterator, tx=task["tx"],
+                           schedule=task["schedule"])
+    options = train.LoopOptions(total_steps=steps, seed=seed, checkpoint_every=steps // 2, keep=2,
+                                log_every=max(1, steps // 4), async_checkpoint=True, name="check",
+                                tensorboard=False)
+    out = train.train_loop(stage_dir, loop_task, options, mesh=train.make_mesh(), run_identity={
+        "check": "accelerator", "dtype": dtype, "width": width, "batch": batch, "size": size,
+        "steps": steps})
     return out, time.perf_counter() - t0
 
   first, wall = loop()

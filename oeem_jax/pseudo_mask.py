@@ -40,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oeem_jax.data.tiles import STRIDE, TILE, tile_offsets
+from oeem_jax.parallel import padded_batches
 
 DEFAULT_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)
 CAM_INPUT = 224
@@ -235,16 +236,11 @@ def tile_pseudo_masks(tiles: np.ndarray, labels: np.ndarray, cam_fn: Callable, *
     raise ValueError(f"labels must be [N={tiles.shape[0]}, C], got shape {labels.shape}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-  n = tiles.shape[0]
   step = _jitted(cam_fn, cam_params is not None, tuple(float(s) for s in scales), normalize, bool(emulate_pil),
                  int(cam_input))
   pending = []  # dispatched asynchronously; fetched at the end
-  for start in range(0, n, batch_size):
-    stop = min(start + batch_size, n)
-    pad = batch_size - (stop - start)
-    tb = np.concatenate([tiles[start:stop], np.zeros((pad,) + tiles.shape[1:], tiles.dtype)])
-    lb = np.concatenate([labels[start:stop], np.zeros((pad, labels.shape[1]), labels.dtype)])
-    pending.append((stop - start, step(cam_params, tb, lb)))
+  for k, (tb, lb) in padded_batches((tiles, labels), batch_size):
+    pending.append((k, step(cam_params, tb, lb)))
   if pending:
     masked = np.concatenate([np.asarray(m)[:k] for k, (m, _) in pending])
     unmasked = np.concatenate([np.asarray(u)[:k] for k, (_, u) in pending])

@@ -317,6 +317,42 @@ def test_batch_not_divisible_by_devices_is_a_clear_error():
     train.shard_batch({"x": np.zeros((3, 2))}, fake)
 
 
+def test_padded_batches_and_batched_apply():
+  from oeem_jax import parallel
+  a, b = np.arange(10, dtype=np.float32).reshape(5, 2), np.arange(5, dtype=np.uint8)
+  got = list(parallel.padded_batches((a, b), 2))
+  assert [k for k, _ in got] == [2, 2, 1]
+  assert all(x.shape == (2, 2) and x.dtype == np.float32 and y.shape == (2,) and y.dtype == np.uint8
+             for _, (x, y) in got)
+  np.testing.assert_array_equal(got[-1][1][0], [[8, 9], [0, 0]])  # the last batch is zero-padded
+  assert list(parallel.padded_batches((a[:0],), 2)) == []
+  mesh = train.make_mesh(jax.devices()[:1])
+  fake = type("M", (), {"size": 4})()
+  assert parallel.round_to_mesh(3, fake) == 4 and parallel.round_to_mesh(8, fake) == 8
+  apply = parallel.BatchedApply(lambda v, x, y: (x * v, y + 1), mesh, 2)
+  x, y = apply.map(jnp.float32(3.0), a, b)
+  np.testing.assert_array_equal(x, 3 * a)
+  np.testing.assert_array_equal(y, b + 1)
+
+
+def test_loop_options_from_config_and_schedule_of_a_step():
+  import ml_collections
+  c = ml_collections.ConfigDict({"seed": 3, "checkpoint": {"every": 4, "keep": 1, "async_save": False},
+                                 "train": {"log_every": 5, "eval_every": 6}})
+  o = train.LoopOptions.from_config(c, 12, name="x", best_metric="m")
+  assert o == train.LoopOptions(total_steps=12, seed=3, checkpoint_every=4, keep=1, log_every=5,
+                                eval_every=6, best_metric="m", async_checkpoint=False, name="x")
+  # (log, evaluate, save) after a step: the last step does everything, a preemption saves.
+  assert o.due(4, False, True) == (False, False, True)
+  assert o.due(6, False, True) == (False, True, False) and o.due(6, False, False) == (False,) * 3
+  assert o.due(7, True, True) == (False, False, True)
+  assert o.due(12, False, True) == (True, True, True)
+  with pytest.raises(ValueError, match="total_steps must be > 0"):
+    train.LoopOptions(total_steps=0, seed=0, checkpoint_every=0).validate()
+  with pytest.raises(ValueError, match="best_mode"):
+    train.LoopOptions(total_steps=1, seed=0, checkpoint_every=0, best_mode="up").validate()
+
+
 def test_setup_distributed_modes(monkeypatch):
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
   monkeypatch.delenv("OEEM_DISTRIBUTED", raising=False)

@@ -102,13 +102,15 @@ def run(workdir: str, steps: int, *, batch_size: int = 8, seed: int = 0, every: 
       raise StopToy(step)
 
   tx, schedule = train.make_optimizer(lr, steps, weight_decay=1e-4, trainable_mask=trainable_mask)
-  return train.train_loop(pretrained=pretrained, run_identity=identity,
-      stage_dir=workdir, init_variables=init_variables, loss_fn=loss_fn, make_iterator=make_iterator,
-      tx=tx, schedule=schedule, total_steps=steps, seed=seed, checkpoint_every=every, keep=keep,
-      log_every=2, eval_fn=eval_fn if eval_every else None, eval_every=eval_every,
-      best_metric="peak" if eval_every else None, step_hook=hook, name="toy",
-      async_checkpoint=async_checkpoint, tensorboard=tensorboard,
-      mesh=train.make_mesh(jax.devices()[:num_devices]) if num_devices else None)
+  task = train.Task(init_variables=init_variables, loss_fn=loss_fn, make_iterator=make_iterator,
+                    tx=tx, schedule=schedule, pretrained=pretrained,
+                    eval_fn=eval_fn if eval_every else None)
+  options = train.LoopOptions(total_steps=steps, seed=seed, checkpoint_every=every, keep=keep,
+                              log_every=2, eval_every=eval_every,
+                              best_metric="peak" if eval_every else None, name="toy",
+                              async_checkpoint=async_checkpoint, tensorboard=tensorboard)
+  return train.train_loop(workdir, task, options, run_identity=identity, step_hook=hook,
+                          mesh=train.make_mesh(jax.devices()[:num_devices]) if num_devices else None)
 
 
 def overfit_stages(workdir: str, steps: int = 30, lr: float = 0.05) -> dict:
@@ -162,10 +164,11 @@ def overfit_stages(workdir: str, steps: int = 30, lr: float = 0.05) -> dict:
         yield batch
 
     tx, schedule = train.make_optimizer(lr, steps, weight_decay=1e-4)
-    r = train.train_loop(stage_dir=os.path.join(workdir, name), init_variables=init,
-                         loss_fn=make_loss(model), make_iterator=iterator, tx=tx, schedule=schedule,
-                         total_steps=steps, seed=0, checkpoint_every=0, log_every=5,
-                         tensorboard=False, name=name)
+    task = train.Task(init_variables=init, loss_fn=make_loss(model), make_iterator=iterator, tx=tx,
+                      schedule=schedule)
+    options = train.LoopOptions(total_steps=steps, seed=0, checkpoint_every=0, log_every=5,
+                                tensorboard=False, name=name)
+    r = train.train_loop(os.path.join(workdir, name), task, options)
     out[name] = {"first_loss": r["first_loss"], "final_train": r["final_train"],
                  "num_devices": r["num_devices"]}
   return out

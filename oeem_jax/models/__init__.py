@@ -22,6 +22,7 @@ from oeem_jax.models.classifier import BACKBONES, CAMClassifier
 from oeem_jax.models.efficientnet_lite import EfficientNetLite
 from oeem_jax.models.pspnet import PSPNet, adaptive_avg_pool, adaptive_pool_matrix
 from oeem_jax.models.resnet38 import ResNet38, feature_size, scaled_channels, set_conv_impl
+from oeem_jax.optim import mask_frozen
 
 __all__ = [
     "ResNet38", "EfficientNetLite", "BACKBONES", "CAMClassifier", "PSPNet", "feature_size", "scaled_channels", "adaptive_avg_pool",
@@ -104,8 +105,6 @@ def freeze_frozen(tx: optax.GradientTransformation, params: Any, *, freeze_stem:
                   freeze_bn: bool = False) -> optax.GradientTransformation:
   """Wraps `tx` so frozen parameters (see `trainable_mask`) get zero updates and no optimizer state.
 
-  Weight decay or momentum inside `tx` never touches the frozen leaves.
+  Weight decay or momentum inside `tx` never touches the frozen leaves (`oeem_jax.optim.mask_frozen`).
   """
-  mask = trainable_mask(params, freeze_stem=freeze_stem, freeze_bn=freeze_bn)
-  labels = jax.tree.map(lambda m: "train" if m else "frozen", mask)
-  return optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+  return mask_frozen(tx, trainable_mask(params, freeze_stem=freeze_stem, freeze_bn=freeze_bn))

@@ -36,8 +36,10 @@ from absl import logging
 
 from oeem_jax import losses, metrics, train
 from oeem_jax.data import tiles as tiles_lib
+from oeem_jax.parallel import BatchedApply
 from oeem_jax.pseudo_mask import label_masked_argmax
 from oeem_jax.stages import imagenet_init_hook, input_stats
+from oeem_jax.stages._training import StageParts, colour_mask, panel, summary_line, train_stage
 
 if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collections
   import ml_collections
@@ -87,20 +89,10 @@ def build_tiles(examples: Sequence[Any], data_cfg) -> tuple[np.ndarray, np.ndarr
   return np.concatenate(tiles), np.concatenate(labels)
 
 
-def _colour_mask(mask: np.ndarray) -> np.ndarray:
-  """uint8[H, W] 0/1 -> uint8[H, W, 3] (gland white, background black)."""
-  return np.repeat((mask > 0).astype(np.uint8)[..., None] * 255, 3, axis=-1)
-
-
 def _heat(score: np.ndarray) -> np.ndarray:
   """float[H, W] in [0, 1] -> uint8[H, W, 3] (blue = 0 ... red = 1)."""
   s = np.clip(score, 0.0, 1.0)
   return (np.stack([s, 0.2 * np.ones_like(s), 1.0 - s], axis=-1) * 255).astype(np.uint8)
-
-
-def panel(*parts: np.ndarray, scale: int = 2) -> np.ndarray:
-  """Side-by-side uint8[H, W, 3] images, subsampled by `scale` -> uint8[1, H/scale, k*W/scale, 3]."""
-  return np.concatenate([p[::scale, ::scale] for p in parts], axis=1)[None]
 
 
 class Validator:
@@ -128,8 +120,6 @@ class Validator:
       self.tiles.append(t)
       self.labels.append(lab)
       self.counts.append(len(t))
-    self.mesh = mesh
-    self.batch = -(-int(batch_size) // mesh.size) * mesh.size
     self.num_images = num_images
     size = self.size
 
@@ -145,21 +135,7 @@ class Validator:
       gland_score = jax.nn.sigmoid(cam[..., 1] - cam[..., 0])
       return logits, masks, gland_score
 
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self._fn = jax.jit(cam_fn, out_shardings=replicated)
-
-  def _run(self, variables, tiles: np.ndarray, labels: np.ndarray):
-    outs = []
-    for start in range(0, len(tiles), self.batch):
-      t = tiles[start:start + self.batch]
-      lab = labels[start:start + self.batch]
-      k = len(t)
-      if k < self.batch:
-        t = np.concatenate([t, np.zeros((self.batch - k,) + t.shape[1:], t.dtype)])
-        lab = np.concatenate([lab, np.zeros((self.batch - k,) + lab.shape[1:], lab.dtype)])
-      out = self._fn(variables, train.shard_global(t, self.mesh), train.shard_global(lab, self.mesh))
-      outs.append((k, out))
-    return [np.concatenate([np.asarray(o[i])[:k] for k, o in outs]) for i in range(3)]
+    self._apply = BatchedApply(cam_fn, mesh, batch_size)
 
   def __call__(self, variables, step: int) -> train.EvalResult:
     conf = np.zeros((2, 2), np.int64)
@@ -167,7 +143,7 @@ class Validator:
     tp_g = fp_g = fn_g = 0
     images = {}
     for idx, ex in enumerate(self.examples):
-      logits, masks, score = self._run(variables, self.tiles[idx], self.labels[idx])
+      logits, masks, score = self._apply.map(variables, self.tiles[idx], self.labels[idx])
       pred = (logits > 0).astype(np.uint8)  # sigmoid(logit) > 0.5
       true = self.labels[idx]
       tp += int(np.sum(pred & true))
@@ -182,8 +158,8 @@ class Validator:
       conf += metrics.confusion_matrix(mask, (ex.mask > 0).astype(np.uint8))
       if idx < self.num_images:
         heat = tiles_lib.stitch_scores(score[..., None], boxes, h, w)[..., 0]
-        images[f"val_{idx}_{ex.name}"] = panel(ex.image, _colour_mask(ex.mask), _heat(heat),
-                                               _colour_mask(mask))
+        images[f"val_{idx}_{ex.name}"] = panel(ex.image, colour_mask(ex.mask), _heat(heat),
+                                               colour_mask(mask))
     pix = metrics.pixel_metrics(conf)
 
     def f1(tp, fp, fn):
@@ -242,52 +218,29 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   pretrained = uses_pretrained(config)
   model = make_model(config)
   input_size = int(config.cls.input_size)
-
-  def init_variables(rng):
-    return model.init({"params": rng, "dropout": rng}, jnp.zeros((1, input_size, input_size, 3)),
-                      train=False)
-
-  mask = None
   load = imagenet_init_hook(config, "cls")  # pretrained-weights hook for train_loop (or None)
-  if model.bn_frozen:
-    # Frozen BN: gamma/beta frozen too, and with ImageNet weights the stem (the reference).
-    from oeem_jax.models import trainable_mask
-    abstract = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
-    mask = trainable_mask(abstract["params"], freeze_stem=pretrained, freeze_bn=True)
   stats = input_stats(config)
 
-  tx, schedule = train.optimizer_from_config(config.train, steps, trainable_mask=mask)
+  def dataset(start_step):
+    return pipeline.cls_dataset(tiles, labels, input_size=input_size, global_batch_size=batch,
+                                seed=int(config.seed), start_step=start_step, stats=stats,
+                                process_index=jax.process_index(), process_count=jax.process_count())
 
-  loss_fn = make_loss_fn(model)
+  def make_validator(mesh):
+    return Validator(model, data.splits["val"], config.data, input_size=input_size,
+                     batch_size=int(config.cls.eval_batch_size), mesh=mesh,
+                     num_images=int(config.cls.num_eval_images), stats=stats)
 
-  def make_iterator(start_step):
-    ds = pipeline.cls_dataset(tiles, labels, input_size=input_size, global_batch_size=batch,
-                              seed=int(config.seed), start_step=start_step, stats=stats,
-                              process_index=jax.process_index(), process_count=jax.process_count())
-    # Finite: nothing is left in flight when training ends (tearing down a busy tf.data pipeline
-    # can take tens of seconds).
-    return ds.take(max(steps - start_step, 0)).as_numpy_iterator()
-
-  mesh = train.make_mesh()
-  validator = None
-  if data.splits["val"]:
-    validator = Validator(model, data.splits["val"], config.data, input_size=input_size,
-                          batch_size=int(config.cls.eval_batch_size), mesh=mesh,
-                          num_images=int(config.cls.num_eval_images), stats=stats)
-  else:
-    logging.warning("cls: no validation images (data.val_count = 0): no evaluation, no best checkpoint")
-
-  result = train.train_loop(
-      stage_dir=stage_dir, init_variables=init_variables, pretrained=load, loss_fn=loss_fn,
-      make_iterator=make_iterator, tx=tx, schedule=schedule, total_steps=steps, eval_fn=validator,
-      best_metric="cam_miou" if validator else None, mesh=mesh, name="cls",
-      run_identity=train.run_identity(config, ("cls", "model", "data")), **train.loop_options(config))
-  best = result["best_eval"]
+  # Frozen BN: gamma/beta frozen too, and with ImageNet weights the stem (the reference).
+  freeze = dict(freeze_stem=pretrained, freeze_bn=True) if model.bn_frozen else None
+  result = train_stage(config, stage_dir, StageParts(
+      name="cls", model=model, input_size=input_size, loss_fn=make_loss_fn(model), dataset=dataset,
+      pretrained=load, freeze=freeze, val_examples=data.splits["val"], make_validator=make_validator,
+      best_metric="cam_miou", identity=train.run_identity(config, ("cls", "model", "data"))), steps)
   fe = result["final_eval"]
-  line = f"cls: {result['steps']} steps, final train loss {result['final_train'].get('loss', float('nan')):.4f}"
+  line = summary_line("cls", result, "CAM mIoU", "cam_miou")
   if fe:
-    line += (f"; val CAM mIoU {100 * fe['cam_miou']:.2f} (best {100 * best['cam_miou']:.2f} at step "
-             f"{best['step']}), tile F1 {100 * fe['tile_f1']:.2f}")
+    line += f", tile F1 {100 * fe['tile_f1']:.2f}"
   result.update({
       "num_train_tiles": int(len(tiles)),
       "num_train_images": len(data.splits["train"]),

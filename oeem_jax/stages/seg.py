@@ -37,7 +37,9 @@ import numpy as np
 from absl import logging
 
 from oeem_jax import inference, losses, metrics, train
+from oeem_jax.parallel import BatchedApply
 from oeem_jax.stages import imagenet_init_hook, input_stats
+from oeem_jax.stages._training import StageParts, colour_mask, panel, summary_line, train_stage
 
 if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collections
   import ml_collections
@@ -113,10 +115,6 @@ def _masks_digest(masks: Sequence[np.ndarray]) -> str:
   return h.hexdigest()
 
 
-def _colour(mask: np.ndarray) -> np.ndarray:
-  return np.repeat((mask == 1).astype(np.uint8)[..., None] * 255, 3, axis=-1)
-
-
 class Validator:
   """Single-scale whole-image mIoU on the validation images (module docstring).
 
@@ -136,26 +134,22 @@ class Validator:
     self.examples = list(examples)
     self.inputs = [np.asarray(normalize_seg(ex.image, stats), np.float32) for ex in self.examples]
     self.window, self.stride = int(window), int(stride)
-    self.batch = -(-int(batch_size) // mesh.size) * mesh.size
-    self.mesh = mesh
     self.num_images = num_images
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    self._fn = jax.jit(lambda v, x: model.apply(v, x, train=False)[0], out_shardings=replicated)
+    self._apply = BatchedApply(lambda v, x: model.apply(v, x, train=False)[0], mesh, batch_size)
 
   def __call__(self, variables, step: int) -> train.EvalResult:
     def apply_fn(x):
-      return np.asarray(self._fn(variables, train.shard_global(x, self.mesh)))
+      return np.asarray(self._apply(variables, x))
 
     conf = np.zeros((2, 2), np.int64)
     images = {}
     for idx, (ex, x) in enumerate(zip(self.examples, self.inputs)):
       logits = inference.sliding_window_logits(apply_fn, x, window=self.window, stride=self.stride,
-                                               batch_size=self.batch)
+                                               batch_size=self._apply.batch)
       pred = np.argmax(logits, axis=-1).astype(np.uint8)
       conf += metrics.confusion_matrix(pred, (ex.mask > 0).astype(np.uint8))
       if idx < self.num_images:
-        images[f"val_{idx}_{ex.name}"] = np.concatenate(
-            [p[::2, ::2] for p in (ex.image, _colour(ex.mask > 0), _colour(pred))], axis=1)[None]
+        images[f"val_{idx}_{ex.name}"] = panel(ex.image, colour_mask(ex.mask), colour_mask(pred))
     pix = metrics.pixel_metrics(conf)
     return train.EvalResult(metrics={"miou": pix["miou"], "iou_gland": pix["iou"][1],
                                      "iou_background": pix["iou"][0], "dice": pix["dice"]},
@@ -298,55 +292,32 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
                steps, batch, crop, config.seg.loss_kind)
 
   model = make_model(config)
-
-  def init_variables(rng):
-    return model.init({"params": rng, "dropout": rng}, jnp.zeros((1, crop, crop, 3)), train=False)
-
   load = init_hook(config, stage_dir)  # pretrained-weights hook for train_loop
-
-  mask = None
-  if model.backbone_bn_frozen:
-    from oeem_jax.models import trainable_mask
-    abstract = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
-    mask = trainable_mask(abstract["params"], freeze_stem=False, freeze_bn=True, only_under="backbone")
   stats = input_stats(config)
-  tx, schedule = train.optimizer_from_config(config.train, steps, trainable_mask=mask)
-  loss_fn = make_loss_fn(model, config.seg)
 
-  def make_iterator(start_step):
-    ds = pipeline.seg_dataset(images, masks, crop_size=crop,
-                              scale_range=(float(config.seg.scale_min), float(config.seg.scale_max)),
-                              global_batch_size=batch, seed=int(config.seed), start_step=start_step,
-                              process_index=jax.process_index(), process_count=jax.process_count(),
-                              photometric=bool(config.seg.photometric), stats=stats)
-    # Finite: nothing is left in flight when training ends (tearing down a busy tf.data pipeline
-    # can take tens of seconds).
-    return ds.take(max(steps - start_step, 0)).as_numpy_iterator()
+  def dataset(start_step):
+    return pipeline.seg_dataset(images, masks, crop_size=crop,
+                                scale_range=(float(config.seg.scale_min), float(config.seg.scale_max)),
+                                global_batch_size=batch, seed=int(config.seed), start_step=start_step,
+                                process_index=jax.process_index(), process_count=jax.process_count(),
+                                photometric=bool(config.seg.photometric), stats=stats)
 
-  mesh = train.make_mesh()
-  validator = None
-  if data.splits["val"]:
-    validator = Validator(model, data.splits["val"], window=int(config.seg.eval_window),
-                          stride=int(config.seg.eval_stride),
-                          batch_size=int(config.seg.eval_batch_size), mesh=mesh,
-                          num_images=int(config.seg.num_eval_images), stats=stats)
-  else:
-    logging.warning("seg: no validation images (data.val_count = 0): no evaluation, no best checkpoint")
+  def make_validator(mesh):
+    return Validator(model, data.splits["val"], window=int(config.seg.eval_window),
+                     stride=int(config.seg.eval_stride), batch_size=int(config.seg.eval_batch_size),
+                     mesh=mesh, num_images=int(config.seg.num_eval_images), stats=stats)
 
   identity = train.run_identity(config, ("seg", "model", "data"))
   identity["seg"]["pseudo_dir"] = None  # where the masks live does not matter, their content does:
   identity["masks_sha256"] = _masks_digest(masks)
-  result = train.train_loop(
-      stage_dir=stage_dir, init_variables=init_variables, pretrained=load, loss_fn=loss_fn,
-      make_iterator=make_iterator, tx=tx, schedule=schedule, total_steps=steps, eval_fn=validator,
-      best_metric="miou" if validator else None, mesh=mesh, name="seg",
-      run_identity=identity, **train.loop_options(config))
-  fe, best = result["final_eval"], result["best_eval"]
-  line = (f"seg ({config.seg.mask_source} masks, {config.seg.loss_kind}): {result['steps']} steps, "
-          f"final train loss {result['final_train'].get('loss', float('nan')):.4f}")
-  if fe:
-    line += (f"; val mIoU {100 * fe['miou']:.2f} (best {100 * best['miou']:.2f} at step "
-             f"{best['step']})")
+  freeze = (dict(freeze_stem=False, freeze_bn=True, only_under="backbone")
+            if model.backbone_bn_frozen else None)
+  result = train_stage(config, stage_dir, StageParts(
+      name="seg", model=model, input_size=crop, loss_fn=make_loss_fn(model, config.seg),
+      dataset=dataset, pretrained=load, freeze=freeze, val_examples=data.splits["val"],
+      make_validator=make_validator, best_metric="miou", identity=identity), steps)
+  line = summary_line(f"seg ({config.seg.mask_source} masks, {config.seg.loss_kind})", result,
+                      "mIoU", "miou")
   result.update({
       "num_train_images": len(examples),
       "mask_source": config.seg.mask_source,

@@ -1,0 +1,125 @@
+"""The run skeleton shared by the training stages `cls` and `seg`.
+
+A stage reads its data, builds its model, loss, data stream, validator and pretrained-weights hook,
+and hands them to `train_stage` as `StageParts`; `train_stage` does the rest the same way for both:
+initialises through the model's `init`, freezes what the stage asks (`models.trainable_mask`),
+builds the optimiser from `config.train` (`optim.optimizer_from_config`), the finite data iterator,
+the mesh and the validator (or warns that there are no validation images), and runs
+`train.train_loop` with `train.LoopOptions.from_config`. Also here: the TensorBoard panels both
+validators draw.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from oeem_jax import train
+
+if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collections
+  import ml_collections
+
+
+@dataclasses.dataclass(frozen=True)
+class StageParts:
+  """What a training stage hands to `train_stage`.
+
+  Attributes:
+    name: the stage ("cls" or "seg"): label of the log lines.
+    model: the flax module; initialised as `model.init({"params", "dropout"}, zeros[1, S, S, 3],
+      train=False)` with S = `input_size`.
+    input_size: side S (pixels) of the dummy input that initialises the model.
+    loss_fn: `train.Task.loss_fn`.
+    dataset: start_step -> tf.data.Dataset of this process's rows of batches start_step, ... (a
+      pure function of the step); `train_stage` takes as many as the run still needs.
+    pretrained: `train.Task.pretrained` hook, or None.
+    freeze: keyword arguments of `models.trainable_mask` (besides the params) when some parameters
+      stay fixed, or None (everything trains).
+    val_examples: the validation `Example`s (may be empty: no evaluation, no best checkpoint).
+    make_validator: (mesh) -> `train.Task.eval_fn` on `val_examples`; called only when there are
+      some.
+    best_metric: key of the validator's metrics that decides the best checkpoint.
+    identity: the run's identity (`train.run_identity` plus what the stage adds).
+  """
+  name: str
+  model: Any
+  input_size: int
+  loss_fn: train.LossFn
+  dataset: Callable[[int], Any]
+  pretrained: Callable[[Mapping[str, Any]], Mapping[str, Any]] | None
+  freeze: Mapping[str, Any] | None
+  val_examples: Sequence[Any]
+  make_validator: Callable[[Any], Callable[[Any, int], train.EvalResult]]
+  best_metric: str
+  identity: Mapping[str, Any]
+
+
+def train_stage(config: ml_collections.ConfigDict, stage_dir: Path, parts: StageParts,
+                steps: int) -> dict[str, Any]:
+  """Trains `parts` for `steps` updates in `stage_dir` (module docstring).
+
+  Returns:
+    the summary fields of `train.train_loop`.
+
+  Raises:
+    everything `train.train_loop` raises (`train.NonFiniteLossError`, `train.Preempted`,
+    ValueError / config_check.ConfigError for bad values or a resume of another run).
+  """
+  model, size = parts.model, int(parts.input_size)
+
+  def init_variables(rng):
+    return model.init({"params": rng, "dropout": rng}, jnp.zeros((1, size, size, 3)), train=False)
+
+  mask = None
+  if parts.freeze is not None:
+    from oeem_jax.models import trainable_mask
+    abstract = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
+    mask = trainable_mask(abstract["params"], **parts.freeze)
+  tx, schedule = train.optimizer_from_config(config.train, steps, trainable_mask=mask)
+
+  def make_iterator(start_step):
+    # Finite: nothing is left in flight when training ends (tearing down a busy tf.data pipeline
+    # can take tens of seconds).
+    return parts.dataset(start_step).take(max(steps - start_step, 0)).as_numpy_iterator()
+
+  mesh = train.make_mesh()
+  validator = None
+  if parts.val_examples:
+    validator = parts.make_validator(mesh)
+  else:
+    logging.warning("%s: no validation images (data.val_count = 0): no evaluation, no best "
+                    "checkpoint", parts.name)
+  task = train.Task(init_variables=init_variables, loss_fn=parts.loss_fn,
+                    make_iterator=make_iterator, tx=tx, schedule=schedule,
+                    pretrained=parts.pretrained, eval_fn=validator)
+  options = train.LoopOptions.from_config(config, steps, name=parts.name,
+                                          best_metric=parts.best_metric if validator else None)
+  return train.train_loop(stage_dir, task, options, mesh=mesh, run_identity=parts.identity)
+
+
+def summary_line(head: str, result: Mapping[str, Any], label: str, metric: str) -> str:
+  """`<head>: <steps> steps, final train loss <x>[; val <label> <final> (best <best> at step <s>)]`
+  from `train_loop`'s result; metric values (fractions) are printed in percent."""
+  line = (f"{head}: {result['steps']} steps, final train loss "
+          f"{result['final_train'].get('loss', float('nan')):.4f}")
+  fe, best = result["final_eval"], result["best_eval"]
+  if fe:
+    line += (f"; val {label} {100 * fe[metric]:.2f} (best {100 * best[metric]:.2f} at step "
+             f"{best['step']})")
+  return line
+
+
+def colour_mask(mask: np.ndarray) -> np.ndarray:
+  """[H, W] mask (gland = value > 0) -> uint8[H, W, 3] (gland white, background black)."""
+  return np.repeat((mask > 0).astype(np.uint8)[..., None] * 255, 3, axis=-1)
+
+
+def panel(*parts: np.ndarray, scale: int = 2) -> np.ndarray:
+  """Side-by-side uint8[H, W, 3] images, subsampled by `scale` -> uint8[1, H/scale, k*W/scale, 3]."""
+  return np.concatenate([p[::scale, ::scale] for p in parts], axis=1)[None]
