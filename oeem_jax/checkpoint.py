@@ -129,18 +129,26 @@ class Checkpoints:
     stage_dir: WORKDIR/<stage>; checkpoints/ and best/ are created under it.
     keep: periodic checkpoints kept (at least 1).
     async_save: orbax async saving (training continues while the files are written).
+    best_metric: the metric that ranks best checkpoints (None: no ranking, the newest is kept).
+      orbax writes a checkpoint's metrics only when the manager ranks by them, so without it a
+      resumed run would not know the best value so far.
+    best_mode: "max" or "min".
   """
 
-  def __init__(self, stage_dir: Path, keep: int, async_save: bool):
+  def __init__(self, stage_dir: Path, keep: int, async_save: bool, best_metric: str | None = None,
+               best_mode: str = "max"):
     common = dict(create=True, cleanup_tmp_directories=True, enable_async_checkpointing=async_save)
     self.latest = ocp.CheckpointManager(
         (stage_dir / "checkpoints").absolute(),
         options=ocp.CheckpointManagerOptions(
             preservation_policy=ocp.checkpoint_managers.LatestN(n=max(1, keep)), **common))
-    self.best = ocp.CheckpointManager(
-        (stage_dir / "best").absolute(),
-        options=ocp.CheckpointManagerOptions(
-            preservation_policy=ocp.checkpoint_managers.LatestN(n=1), **common))
+    if best_metric is None:
+      best_options = ocp.CheckpointManagerOptions(
+          preservation_policy=ocp.checkpoint_managers.LatestN(n=1), **common)
+    else:
+      best_options = ocp.CheckpointManagerOptions(
+          best_fn=lambda metrics: metrics[best_metric], best_mode=best_mode, max_to_keep=1, **common)
+    self.best = ocp.CheckpointManager((stage_dir / "best").absolute(), options=best_options)
     self._last_saved = self.latest.latest_step()
 
   @property

@@ -573,7 +573,8 @@ def train_loop(stage_dir: str | Path, task: Task, options: LoopOptions, *, mesh:
   quiet_orbax_logs()
   mesh = mesh or make_mesh()
   earlier = _earlier_files(stage_dir)  # before the managers create their folders
-  ckpts = Checkpoints(stage_dir, options.keep, options.async_checkpoint)
+  ckpts = Checkpoints(stage_dir, options.keep, options.async_checkpoint,
+                      best_metric=options.best_metric, best_mode=options.best_mode)
   state, shardings, resumed_from = _initial_state(task, options, mesh, ckpts, identity, earlier)
   start_step = int(jax.device_get(state.step))
   writer = _make_writer(stage_dir, options.tensorboard)

@@ -166,6 +166,10 @@ def test_rerun_of_finished_run_changes_nothing(reference_run, tmp_path):
   workdir, result = reference_run
   again = toy.run(str(workdir), STEPS, eval_every=4, num_devices=1)
   assert again["resumed_from"] == STEPS and again["params_digest"] == result["params_digest"]
+  # The resumed run knows the best so far (orbax stored its metrics): its evaluation at step 12
+  # (peak -4) does not replace the best checkpoint of step 8 (peak 0).
+  assert [p.name for p in (workdir / "best").iterdir() if p.name.isdigit()] == ["8"]
+  assert again["best_eval"] == result["best_eval"]
 
 
 @pytest.fixture(scope="module")
