@@ -72,36 +72,36 @@ def _normalize_stats(x, stats: Stats):
   return (x - mean) * inv_std
 
 
-def normalize_cls(image, stats: Stats | None = None):
-  """Classification normalisation: `(image / 255 - CLS_MEAN) / CLS_STD`, or `(image - mean) / std`
-  with `stats` = (mean, std) on 0..255 RGB (`input_stats`).
+def normalize(image, kind: str, stats: Stats | None = None):
+  """Input normalisation of either network (docs/reference.md §1).
 
   Args:
     image: uint8 (or float in 0..255) RGB [..., 3], NumPy, JAX or TF.
+    kind: "cls": `(image / 255 - CLS_MEAN) / CLS_STD` (GlaS statistics on 0..1 RGB; values roughly
+      in [-5, 2]); "seg": `(image - SEG_MEAN) / SEG_STD` (ImageNet statistics on 0..255 RGB;
+      roughly [-2.2, 2.7]).
+    stats: (mean, std) on 0..255 RGB (`input_stats`, e.g. ImageNet's for a pretrained backbone)
+      replacing either default: `(image - mean) / std`.
 
   Returns:
-    float32 [..., 3] of the same array type (values roughly in [-5, 2]).
+    float32 [..., 3] of the same array type.
   """
   x = _as_float32(image)
   if stats is not None:
     return _normalize_stats(x, stats)
-  return (x * np.float32(1.0 / 255.0) - CLS_MEAN) / CLS_STD
+  if kind == "cls":
+    return (x * np.float32(1.0 / 255.0) - CLS_MEAN) / CLS_STD
+  return (x - SEG_MEAN) / SEG_STD
+
+
+def normalize_cls(image, stats: Stats | None = None):
+  """`normalize(image, "cls", stats)`: the classifier's input."""
+  return normalize(image, "cls", stats)
 
 
 def normalize_seg(image, stats: Stats | None = None):
-  """Segmentation normalisation: `(image - SEG_MEAN) / SEG_STD` (ImageNet statistics on 0..255 RGB),
-  or `(image - mean) / std` with `stats` (`input_stats`).
-
-  Args:
-    image: uint8 (or float in 0..255) RGB [..., 3], NumPy, JAX or TF.
-
-  Returns:
-    float32 [..., 3] of the same array type (values roughly in [-2.2, 2.7]).
-  """
-  x = _as_float32(image)
-  if stats is not None:
-    return _normalize_stats(x, stats)
-  return (x - SEG_MEAN) / SEG_STD
+  """`normalize(image, "seg", stats)`: the segmenter's input."""
+  return normalize(image, "seg", stats)
 
 
 @functools.lru_cache(maxsize=None)
