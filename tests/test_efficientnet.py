@@ -130,7 +130,7 @@ def test_frozen_backbone_bn_mask():
 
 def test_bn_mode_and_backbone_keys():
   from oeem_jax import config_base
-  from oeem_jax.stages import bn_frozen
+  from oeem_jax.models import bn_frozen
   c = config_base.get_base_config("cls")
   config_base.add_model_config(c)
   assert bn_frozen(c, "cls") is False and bn_frozen(c, "seg") is False
