@@ -242,7 +242,7 @@ def test_conversion_cached_without_torch(tmp_path, monkeypatch):
 def _torch_features(output_stride: int, x: np.ndarray) -> dict[str, np.ndarray]:
   import torch
 
-  from torch_efficientnet import lite0_features, torch_lite0
+  from oeem_jax.models.torch_reference import lite0_features, torch_lite0
   net = torch_lite0(output_stride).eval()
   with torch.no_grad():
     t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())

@@ -24,12 +24,12 @@ from oeem_jax.models.classifier import BACKBONES, CAMClassifier
 from oeem_jax.models.efficientnet_lite import EfficientNetLite
 from oeem_jax.models.factory import bn_frozen, make_classifier, make_segmenter, segmenter_apply_fn
 from oeem_jax.models.pspnet import PSPNet, adaptive_avg_pool, adaptive_pool_matrix
-from oeem_jax.models.resnet38 import ResNet38, feature_size, scaled_channels, set_conv_impl
+from oeem_jax.models.resnet38 import CONV_IMPLS, ResNet38, feature_size, scaled_channels
 
 __all__ = [
     "ResNet38", "EfficientNetLite", "BACKBONES", "CAMClassifier", "PSPNet", "feature_size", "scaled_channels", "adaptive_avg_pool",
     "adaptive_pool_matrix", "trainable_mask", "freeze_frozen", "is_batch_norm_param", "is_stem_param",
-    "init_variables", "set_conv_impl", "bn_frozen", "make_classifier", "make_segmenter",
+    "init_variables", "CONV_IMPLS", "bn_frozen", "make_classifier", "make_segmenter",
     "segmenter_apply_fn",
 ]
 
