@@ -7,15 +7,16 @@ config the stage ran with). The hand-offs between stages:
 * cls -> cam, seg: the classifier checkpoints in `WORKDIR/cls` (`oeem_jax.train.load_variables`);
   the network is rebuilt from the config in `WORKDIR/cls/summary.json` (`training_config`).
 * cam -> seg: pseudo-masks `WORKDIR/cam/pseudo_masks/<name>.png`, palette PNGs of the image's size
-  with 0 = non-gland, 1 = gland, 255 = ignore (`write_pseudo_mask`, `read_pseudo_mask`; paper
-  §2.1: the pseudo-masks the segmenter trains on), plus 0/255 grey previews in
+  with 0 = non-gland, 1 = gland, 255 = ignore (`write_pseudo_mask`, `read_pseudo_mask`; the CAM
+  pseudo-masks of paper Eq. 1-2 that the segmenter trains on), plus 0/255 grey previews in
   `WORKDIR/cam/previews/`.
 * seg -> eval, export, predict: the segmenter checkpoints in `WORKDIR/seg`, the network rebuilt from
   `WORKDIR/seg/summary.json`.
 * export -> predict: the model folder `WORKDIR/export/model` (`exported_model_dir`; its content
   is `oeem_jax.model_folder`'s).
 * eval -> readers of its results: predictions `WORKDIR/eval/predictions/<name>.png`, grey PNGs with
-  0 = non-gland, 255 = gland (`write_prediction`, `read_prediction`).
+  0 = non-gland, 255 = gland (`write_prediction`, `read_prediction`), and the metrics
+  `WORKDIR/eval/metrics.json` (`eval_metrics_path`).
 
 Every config key that names one of these folders (`cam.cls_dir`, `seg.pseudo_dir`, `eval.seg_dir`,
 ...) defaults to its place in the same workdir (`upstream_dir`). This module imports no JAX.
@@ -153,6 +154,11 @@ def read_pseudo_mask(path: str | Path, shape: tuple[int, int]) -> np.ndarray:
 
 
 # ---- predictions (eval -> rescoring)
+
+def eval_metrics_path(eval_dir: str | Path) -> Path:
+  """`WORKDIR/eval/metrics.json`: the pooled metrics of every scored split."""
+  return Path(eval_dir) / "metrics.json"
+
 
 def predictions_dir(eval_dir: str | Path) -> Path:
   """`WORKDIR/eval/predictions` for `eval_dir` = WORKDIR/eval."""

@@ -21,7 +21,7 @@ if TYPE_CHECKING:  # annotations only
   from oeem_jax.models.classifier import CAMClassifier
   from oeem_jax.models.pspnet import PSPNet
 
-# Defaults of the stage sections when a config lacks them (the reference's values, paper §2.3).
+# Defaults of the stage sections when a config lacks them (the original OEEM code's values).
 CLS_B7_DILATION = 2
 SEG_B7_DILATION = 4
 NUM_CLASSES = 2

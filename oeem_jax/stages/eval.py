@@ -164,7 +164,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   preds = predict_split(apply_fn, list(wanted.values()), eval_cfg, stage_dir, normalize)
 
   results, rows = score_splits(preds, data.splits, splits)
-  io_utils.atomic_write_json(stage_dir / "metrics.json", {
+  io_utils.atomic_write_json(artifacts.eval_metrics_path(stage_dir), {
       "synthetic": data.synthetic, "source": data.source, "checkpoint_step": step,
       "checkpoint_dir": str(seg_dir), "splits": results})
   metrics.write_per_image_csv(stage_dir / "per_image.csv", rows,
