@@ -13,7 +13,7 @@ and 1.5 (5 sub-tiles per tile instead of 27); `demo`: scales 1 and 1.5 as well.
 
 import ml_collections
 
-from oeem_jax import config_base
+from oeem_jax import config_base, scales
 
 # What --help lists ({arg: what it selects}); get_config refuses any other argument.
 ARGS = {
@@ -28,7 +28,7 @@ def add_cam_config(c):
   c.cam = ml_collections.ConfigDict()
   c.cam.cls_dir = ""               # "" = WORKDIR/cls
   c.cam.checkpoint = "best"        # "best", "latest" or a step number
-  c.cam.scales = (1.0, 1.25, 1.5, 1.75, 2.0)
+  c.cam.scales = scales.CAM_SCALES  # 1, 1.25, 1.5, 1.75, 2
   c.cam.batch_size = 8             # tiles per jitted call (27 sub-tiles each at the default scales)
   c.cam.splits = "train,val"       # pseudo-masks for all training images
   return c

@@ -16,7 +16,7 @@ stride 192, gland objects and holes under 500 px removed / filled; `demo`: singl
 
 import ml_collections
 
-from oeem_jax import config_base
+from oeem_jax import config_base, scales
 
 # What --help lists ({arg: what it selects}); get_config refuses any other argument.
 ARGS = {
@@ -35,7 +35,7 @@ def add_eval_config(c):
   # validation images "best" is noise (docs/results.md: it cost a :cpu OEEM run test mIoU).
   c.eval.checkpoint = "latest"
   c.eval.splits = "test_a,test_b,test"
-  c.eval.scales = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+  c.eval.scales = scales.INFERENCE_SCALES  # 0.75, 1, 1.25, 1.5, 1.75, 2, 2.5, 3
   c.eval.flip = True
   c.eval.window = 320
   c.eval.stride = 256

@@ -66,10 +66,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:
-  sys.path.insert(0, str(REPO))
-
 PARTS = ("matmul", "cls", "seg", "loop")
 DTYPES = ("float32", "bfloat16")
 
@@ -113,7 +109,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   ap.add_argument("--loop_dtype", default="bfloat16", help="compute dtype of the train_loop run")
   ap.add_argument("--width", type=float, default=None, help="ResNet38 width (default 1.0, tiny 0.125)")
   ap.add_argument("--conv_impl", default=None, choices=("auto", "xla", "dots"),
-                  help="convolution gradients (models.set_conv_impl); default auto (= xla on GPU/TPU), "
+                  help="convolution gradients (the networks' conv_impl); default auto (= xla on GPU/TPU), "
                        "xla with --tiny (the accelerator's code path, and faster CPU compiles)")
   ap.add_argument("--workdir", default="", help="folder for the loop's checkpoints and the compilation "
                   "cache (default: a temporary folder, deleted at the end)")
@@ -229,14 +225,15 @@ def host_variables(abstract: Any, seed: int) -> Any:
   return jax.tree_util.tree_map_with_path(fill, abstract)
 
 
-def build_task(kind: str, dtype: str, *, width: float, batch: int, size: int, seed: int = 0
-               ) -> dict[str, Any]:
+def build_task(kind: str, dtype: str, *, width: float, batch: int, size: int, seed: int = 0,
+               conv_impl: str = "auto") -> dict[str, Any]:
   """Model, optimiser, loss and synthetic batches of one step configuration.
 
   Args:
     kind: "cls" or "seg" (module docstring).
     dtype: compute dtype name ("float32" or "bfloat16").
     width: ResNet38 width; batch, size: batch x size^2 inputs.
+    conv_impl: the networks' convolution gradients (`resnet38.CONV_IMPLS`).
 
   Returns:
     dict with model, abstract (variables' shapes), loss_fn, tx, schedule, make_batch (i ->
@@ -255,11 +252,12 @@ def build_task(kind: str, dtype: str, *, width: float, batch: int, size: int, se
   if kind == "cls":
     from oeem_jax.stages.cls import make_loss_fn
     model = CAMClassifier(width=width, num_classes=2, b7_dilation=cfg["b7_dilation"], bn_frozen=True,
-                          dtype=dt)
+                          dtype=dt, conv_impl=conv_impl)
     loss_fn = make_loss_fn(model)
   else:
     from oeem_jax.stages.seg import make_loss_fn
-    model = PSPNet(width=width, num_classes=2, b7_dilation=cfg["b7_dilation"], dtype=dt)
+    model = PSPNet(width=width, num_classes=2, b7_dilation=cfg["b7_dilation"], dtype=dt,
+                   conv_impl=conv_impl)
     loss_fn = make_loss_fn(model, _Section(loss_kind=cfg["loss_kind"], aux_weight=cfg["aux_weight"],
                                            loss_reference_compat=False))
   abstract = jax.eval_shape(
@@ -318,7 +316,7 @@ def _memory_stats() -> dict[str, Any] | None:
 
 
 def time_step(kind: str, dtype: str, *, width: float, batch: int, size: int, steps: int, warmup: int,
-              peak_tflops: float | None, seed: int = 0) -> dict[str, Any]:
+              peak_tflops: float | None, seed: int = 0, conv_impl: str = "auto") -> dict[str, Any]:
   """Compiles and times one step configuration (module docstring, parts `cls` / `seg`).
 
   Returns:
@@ -336,7 +334,7 @@ def time_step(kind: str, dtype: str, *, width: float, batch: int, size: int, ste
 
   from oeem_jax import train
 
-  task = build_task(kind, dtype, width=width, batch=batch, size=size, seed=seed)
+  task = build_task(kind, dtype, width=width, batch=batch, size=size, seed=seed, conv_impl=conv_impl)
   mesh = train.make_mesh()
   replicated = NamedSharding(mesh, P())
   state = train.replicate(_initial_state(task, seed), mesh)
@@ -399,7 +397,7 @@ def time_step(kind: str, dtype: str, *, width: float, batch: int, size: int, ste
 
 
 def run_loop(dtype: str, *, width: float, batch: int, size: int, steps: int, workdir: Path,
-             seed: int = 0) -> dict[str, Any]:
+             seed: int = 0, conv_impl: str = "auto") -> dict[str, Any]:
   """`train.train_loop` on the seg step: run, restore, resume (module docstring, part `loop`).
 
   Returns:
@@ -413,7 +411,8 @@ def run_loop(dtype: str, *, width: float, batch: int, size: int, steps: int, wor
 
   from oeem_jax import train
 
-  task = build_task("seg", dtype, width=width, batch=batch, size=size, seed=seed)
+  task = build_task("seg", dtype, width=width, batch=batch, size=size, seed=seed,
+                    conv_impl=conv_impl)
   batches = [task["make_batch"](i) for i in range(LOOP_BATCHES)]
   host = host_variables(task["abstract"], seed)
   zeros = jax.tree.map(lambda s: jax.numpy.zeros(s.shape, s.dtype), task["abstract"])
@@ -575,10 +574,6 @@ def main(argv: list[str] | None = None) -> int:
   import jax
 
   from oeem_jax import io_utils
-  from oeem_jax.models import set_conv_impl
-
-  set_conv_impl(args.conv_impl)  # read while the steps are traced
-
   # The loop part's steps reuse the seg part's executable (same HLO) through this cache.
   jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # the steps, not small ops
@@ -638,13 +633,14 @@ def main(argv: list[str] | None = None) -> int:
       if kind == "loop":
         batch, size = shapes["seg"]
         result["loop"] = attempt(f"loop {dtype}", lambda: run_loop(
-            dtype, width=width, batch=batch, size=size, steps=args.loop_steps, workdir=workdir))
+            dtype, width=width, batch=batch, size=size, steps=args.loop_steps, workdir=workdir,
+            conv_impl=args.conv_impl))
         save()
         continue
       batch, size = shapes[kind]
       result["steps"][f"{kind} {dtype}"] = attempt(f"{kind} {dtype}", lambda: time_step(
           kind, dtype, width=width, batch=batch, size=size, steps=args.steps, warmup=args.warmup,
-          peak_tflops=peak))
+          peak_tflops=peak, conv_impl=args.conv_impl))
       save()
   finally:
     save()

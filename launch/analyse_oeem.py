@@ -64,11 +64,11 @@ def main(argv):
   del argv
   import jax.numpy as jnp
 
-  from oeem_jax import inference, io_utils, losses, train
+  from oeem_jax import artifacts, inference, io_utils, losses, train
   from oeem_jax.data import glas
   from oeem_jax.data.pipeline import normalizer
-  from oeem_jax.stages import eval as eval_stage
-  from oeem_jax.stages import input_stats, seg, training_config
+  from oeem_jax.models import make_segmenter, segmenter_apply_fn
+  from oeem_jax.stages import input_stats, seg
 
   seg_dir = Path(_SEG_DIR.value)
   if not (seg_dir / "summary.json").is_file():
@@ -76,12 +76,12 @@ def main(argv):
   for k in _KINDS.value:
     if k not in losses.KINDS:
       raise app.UsageError(f"--kinds: {k!r} is not one of {losses.KINDS}")
-  config = training_config(seg_dir, None)
+  config = artifacts.training_config(seg_dir, None)
   config.data.dir = _DATA_DIR.value
   which = _CHECKPOINT.value if _CHECKPOINT.value in ("latest", "best") else int(_CHECKPOINT.value)
   variables, step = train.load_variables(seg_dir, which)
-  model = seg.make_model(config)
-  apply_fn = eval_stage.make_apply_fn(model, variables)
+  model = make_segmenter(config)
+  apply_fn = segmenter_apply_fn(model, variables)
   normalize = normalizer("seg", input_stats(config))
   crop = int(config.seg.crop_size)
   window, stride = int(config.seg.eval_window), int(config.seg.eval_stride)
@@ -107,7 +107,7 @@ def main(argv):
     h, w = ex.image.shape[:2]
     logits = inference.sliding_window_logits(apply_fn, normalize(ex.image), window=window,
                                               stride=stride)
-    labels = seg.read_pseudo_mask(pseudo_dir / f"{ex.name}.png", (h, w))
+    labels = artifacts.read_pseudo_mask(artifacts.mask_file(pseudo_dir, ex.name), (h, w))
     truth = (ex.mask > 0).astype(np.uint8)
     z, y = jnp.asarray(_tiles(logits, crop, 0.0)), jnp.asarray(_tiles(labels, crop, 255).astype(np.int32))
     ce = np.asarray(losses.cross_entropy_map(z, y))

@@ -22,17 +22,14 @@ import argparse
 import json
 import math
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from oeem_jax.data import glas, pipeline, synthetic, tiles  # noqa: E402
-from oeem_jax.io_utils import default_glas_dir  # noqa: E402
+from oeem_jax.data import glas, pipeline, synthetic, tiles
+from oeem_jax.io_utils import default_glas_dir
 
 # The paper's batches (configs/cls.py, configs/seg_oeem.py) and issue 15's per-step targets (s).
 CLS_BATCH, SEG_BATCH = 20, 32

@@ -6,8 +6,8 @@ arguments + outputs + temporaries - aliased, and the process's max RSS at the en
 
 Configurations are the product of --models x --widths x --dtypes x --xla variants x --conv. All are compiled
 first, then timed *interleaved* (round r times step r of every configuration), so load from other
-processes on a shared machine hits all of them alike. --torch adds the PyTorch implementation from
-tests/test_torch_parity.py on the same shapes (NCHW, torch's own threads) to the same rounds.
+processes on a shared machine hits all of them alike. --torch adds the PyTorch implementation
+(`oeem_jax.models.torch_reference`) on the same shapes (NCHW, torch's own threads) to the same rounds.
 
 Models (shapes as in issue 3; the classifier trains on 224 crops in the reference):
   cls     CAMClassifier, batch 4 x 112^2, reference mode (BN frozen, conv1a + BN gamma/beta frozen),
@@ -31,13 +31,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import os
 import resource
 import statistics
-import sys
 import time
-from pathlib import Path
 from typing import Any, Callable
 
 import jax
@@ -45,11 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from oeem_jax.models import CAMClassifier, PSPNet, freeze_frozen
 
-from oeem_jax.models import CAMClassifier, PSPNet, freeze_frozen  # noqa: E402
-from oeem_jax.models import resnet38  # noqa: E402
 
 SHAPES = {"cls": (4, 112), "cls224": (4, 224), "psp": (2, 256),
           # the :cpu configurations' training batches (configs/cls.py:cpu, configs/seg_oeem.py:cpu)
@@ -114,10 +108,11 @@ def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict],
   rngs = {"params": jax.random.key(0), "dropout": jax.random.key(1)}
   x = jnp.asarray(np.random.default_rng(seed).standard_normal((batch, size, size, 3), dtype=np.float32))
   if kind.startswith("cls"):
-    model = CAMClassifier(width=width, bn_frozen=True, dtype=dt, backbone_name=backbone)
+    model = CAMClassifier(width=width, bn_frozen=True, dtype=dt, backbone_name=backbone,
+                          conv_impl=conv_impl)
     y = jnp.asarray(np.random.default_rng(seed + 1).integers(0, 2, (batch, 2)).astype(np.float32))
   else:
-    model = PSPNet(width=width, dtype=dt, backbone_name=backbone)
+    model = PSPNet(width=width, dtype=dt, backbone_name=backbone, conv_impl=conv_impl)
     y = jnp.asarray(np.random.default_rng(seed + 1).integers(0, 2, (batch, size, size)))
   abstract = jax.eval_shape(lambda: model.init(rngs, jnp.zeros((1, 32, 32, 3)), train=False))
   variables = _host_fill(abstract, seed)
@@ -146,7 +141,6 @@ def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict],
   vname, opts = variant
   name = (f"jax {backbone} {kind} w{width:g} {batch}x{size}^2 {dtype} conv={conv_impl}"
           + ("" if vname == "base" else f" [{vname}]"))
-  resnet38.set_conv_impl(conv_impl)  # read while tracing (lower) below
   jitted = jax.jit(train_step, donate_argnums=(0, 1, 2))
   key = jax.random.key(seed)
   t0 = time.perf_counter()
@@ -170,39 +164,33 @@ def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict],
   return Run(name, step, compile_s, float(ca.get("flops", float("nan"))), float(mem))
 
 
-def _load_test_module(name: str):
-  spec = importlib.util.spec_from_file_location(name, REPO / "tests" / f"{name}.py")
-  mod = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(mod)
-  return mod
-
-
 def make_torch_run(kind: str, width: float, seed: int = 0, backbone: str = "resnet38") -> Run:
-  """The same step in PyTorch (tests/test_torch_parity.py networks; for EfficientNet-Lite0
-  tests/torch_efficientnet.py on `efficientnet_lite_pytorch`), NCHW, float32."""
+  """The same step in PyTorch (`oeem_jax.models.torch_reference`; for EfficientNet-Lite0 on
+  `efficientnet_lite_pytorch`), NCHW, float32."""
   import torch  # noqa: PLC0415
 
-  mod = _load_test_module("test_torch_parity")
-  eff = _load_test_module("torch_efficientnet") if backbone != "resnet38" else None
+  from oeem_jax.models import torch_reference as ref  # noqa: PLC0415
+
+  eff = backbone != "resnet38"
   batch, size = SHAPES[kind]
   torch.manual_seed(seed)
   x = torch.randn(batch, 3, size, size)
   if kind.startswith("cls"):
-    net = mod.TorchCAMClassifier(width) if eff is None else eff.TorchEffCAMClassifier()
+    net = ref.TorchEffCAMClassifier() if eff else ref.TorchCAMClassifier(width)
     net.train()
     frozen = []
     for name, m in net.named_modules():
       if isinstance(m, torch.nn.BatchNorm2d):
         m.eval()
         frozen += list(m.parameters())
-    frozen += list((net.backbone.conv1a if eff is None else net.backbone._conv_stem).parameters())
+    frozen += list((net.backbone._conv_stem if eff else net.backbone.conv1a).parameters())
     for p in frozen:
       p.requires_grad_(False)
     y = torch.randint(0, 2, (batch, 2)).float()
     loss_fn = lambda: torch.nn.functional.binary_cross_entropy_with_logits(net(x), y)  # noqa: E731
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
   else:
-    net = mod.TorchPSPNet(width) if eff is None else eff.TorchEffPSPNet(width)
+    net = ref.TorchEffPSPNet(width) if eff else ref.TorchPSPNet(width)
     net.train()
     y = torch.randint(0, 2, (batch, size, size))
 
@@ -279,7 +267,7 @@ def main(argv=None) -> int:
   ap.add_argument("--dtypes", default="float32", help="comma list of float32, bfloat16 (compute dtype)")
   ap.add_argument("--xla", default="base", help="XLA option variants, see the module docstring")
   ap.add_argument("--conv", default="auto",
-                  help="comma list of conv gradient implementations: auto, xla, dots (resnet38.set_conv_impl)")
+                  help="comma list of conv gradient implementations: auto, xla, dots (the networks' conv_impl)")
   ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (>= 5 recommended)")
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--torch", action="store_true", help="also time the PyTorch implementation")

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 from absl import app, flags
-from PIL import Image
 
-from oeem_jax import inference, metrics
+from oeem_jax import artifacts, inference
 from oeem_jax.config_base import load_config_file
 from oeem_jax.data import glas
+from oeem_jax.stages import eval as eval_stage
+
+SPLITS = ("test_a", "test_b", "test")
 
 _PREDICTIONS = flags.DEFINE_string("predictions", None, "folder of <name>.png 0/255 predictions",
                                    required=True)
@@ -42,26 +43,16 @@ def main(argv):
   data_cfg = load_config_file("eval").get_config().data
   data_cfg.dir = _DATA_DIR.value
   data = glas.load_splits(data_cfg)
-  preds = {}
-  for split in ("test_a", "test_b"):
-    for ex in data.splits[split]:
-      path = pred_dir / f"{ex.name}.png"
-      if not path.is_file():
-        raise FileNotFoundError(f"{path}: no prediction for test image {ex.name}")
-      pred = np.asarray(Image.open(path))
-      if pred.shape != ex.mask.shape:
-        raise ValueError(f"{path}: prediction {pred.shape} but image {ex.name} is "
-                         f"{ex.mask.shape}")
-      preds[ex.name] = (pred > 0, ex.mask)
+  preds = {ex.name: artifacts.read_prediction(artifacts.mask_file(pred_dir, ex.name), ex.mask.shape)
+           for split in ("test_a", "test_b") for ex in data.splits[split]}
   print(f"{'area':>6s} {'split':8s} {'mIoU':>7s} {'F1':>7s} {'objF1':>7s} {'objDice':>7s} "
         f"{'objHaus':>8s}")
   for area in areas:
-    scores = {n: metrics.score_image(
-        inference.remove_small_regions(p, min_object_area=area, max_hole_area=area), g, n)
-              for n, (p, g) in preds.items()}
-    for split in ("test_a", "test_b", "test"):
-      r = metrics.pool_scores([scores[ex.name] for ex in data.splits[split]])
-      p, o = r["pixel"], r["object"]
+    post = {n: inference.remove_small_regions(p, min_object_area=area, max_hole_area=area)
+            for n, p in preds.items()}
+    results, _ = eval_stage.score_splits(post, data.splits, SPLITS)
+    for split in SPLITS:
+      p, o = results[split]["pixel"], results[split]["object"]
       print(f"{area:6d} {split:8s} {100 * p['miou']:7.2f} {100 * p['f1']:7.2f} "
             f"{100 * o['f1']:7.2f} {100 * o['dice']:7.2f} {o['hausdorff']:8.1f}", flush=True)
 

@@ -14,6 +14,8 @@ import json
 import sys
 from pathlib import Path
 
+from oeem_jax import artifacts
+
 
 def _load(path: Path) -> dict | None:
   return json.loads(path.read_text()) if path.is_file() else None
@@ -28,7 +30,7 @@ def main(argv: list[str]) -> int:
   extra = []
   for arg in argv[1:]:
     w = Path(arg)
-    m = _load(w / "eval" / "metrics.json")
+    m = _load(artifacts.eval_metrics_path(artifacts.stage_dir(w, "eval")))
     if m is None:
       print(f"| {w.name} | (no eval/metrics.json) | | | | | | |")
       continue
@@ -40,7 +42,7 @@ def main(argv: list[str]) -> int:
             f"{100 * p['dice']:.2f} | {100 * o['f1']:.2f} | {100 * o['dice']:.2f} | {o['hausdorff']:.1f} |")
     times = {}
     for stage in ("cls", "cam", "seg", "eval"):
-      s = _load(w / stage / "summary.json")
+      s = _load(artifacts.summary_path(w, stage))
       if s:
         times[stage] = s["wall_time_s"]
         if stage == "cam":

@@ -28,9 +28,9 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from scipy.special import softmax
 
-ApplyFn = Callable[[np.ndarray], "np.ndarray"]
+from oeem_jax.scales import INFERENCE_SCALES
 
-PAPER_SCALES = (0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0)
+ApplyFn = Callable[[np.ndarray], "np.ndarray"]
 
 
 def window_starts(length: int, window: int = 320, stride: int = 256) -> list[int]:
@@ -65,8 +65,10 @@ def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
   return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
-def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-  """Bilinear resize with half-pixel centres and no antialiasing (REFERENCE.md porting notes).
+def resize_bilinear_host(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+  """Bilinear resize on the host (NumPy in, NumPy out), half-pixel centres, no antialiasing.
+
+  The in-graph JAX counterpart of the networks is `oeem_jax.models.pspnet.resize_bilinear`.
 
   Uses `tf.image.resize` on the host (eager TF kernels: no compile per shape, unlike an eager
   `jax.image.resize`, and ~25x faster than `scipy.ndimage.zoom`). Same result as PyTorch's
@@ -81,7 +83,7 @@ def resize_bilinear(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   """
   x = np.asarray(x, dtype=np.float32)
   if x.ndim != 3:
-    raise ValueError(f"resize_bilinear: expected [H, W, C], got shape {x.shape}")
+    raise ValueError(f"resize_bilinear_host: expected [H, W, C], got shape {x.shape}")
   if tuple(size) == x.shape[:2]:
     return x
   import tensorflow as tf  # pylint: disable=g-import-not-at-top  (slow import, only when needed)
@@ -188,7 +190,7 @@ def sliding_window_logits(apply_fn: ApplyFn, image: np.ndarray, *, window: int =
 
 def predict_probs(apply_fn: ApplyFn, image: np.ndarray, *,
                   normalize: Callable[[np.ndarray], np.ndarray],
-                  scales: Sequence[float] = PAPER_SCALES, flip: bool = True, window: int = 320,
+                  scales: Sequence[float] = INFERENCE_SCALES, flip: bool = True, window: int = 320,
                   stride: int = 256, batch_size: int = 8) -> np.ndarray:
   """Class probabilities of one image: multi-scale × flip sliding-window inference (REFERENCE.md §6).
 
@@ -223,7 +225,7 @@ def predict_probs(apply_fn: ApplyFn, image: np.ndarray, *,
 
   def finisher(flipped: bool) -> Callable[[np.ndarray], None]:
     def done(logits: np.ndarray) -> None:
-      probs = softmax(resize_bilinear(logits, (height, width)), axis=-1)
+      probs = softmax(resize_bilinear_host(logits, (height, width)), axis=-1)
       if flipped:
         probs = probs[:, ::-1]
       if total:
@@ -236,7 +238,7 @@ def predict_probs(apply_fn: ApplyFn, image: np.ndarray, *,
     source = image.astype(np.float32)
     for s in scales:
       size = scaled_size(height, width, s)
-      scaled = np.clip(np.rint(resize_bilinear(source, size)), 0, 255)
+      scaled = np.clip(np.rint(resize_bilinear_host(source, size)), 0, 255)
       net_in = np.asarray(normalize(scaled), dtype=np.float32)
       if net_in.shape != scaled.shape:
         raise ValueError(f"predict_probs: normalize changed the shape {scaled.shape} -> "

@@ -4,7 +4,7 @@ A model folder holds:
 
 * `variables/`: the segmenter's `{"params", "batch_stats"}` (orbax `StandardCheckpointer`);
 * `model.json` (`FORMAT`): the network config (`network.model`, `network.seg`: what
-  `oeem_jax.stages.seg.make_model` needs), the input normalisation (mean / std on 0..255 RGB), the
+  `oeem_jax.models.make_segmenter` needs), the input normalisation (mean / std on 0..255 RGB), the
   class names, the training pixel size (µm/px; GlaS: 0.62, its 20x scans), the recommended inference
   settings (those the source workdir's `eval` stage used, else single scale at the training
   validation window), the stain reference of the training images (`oeem_jax.stain.reference`) and
@@ -89,10 +89,12 @@ def _eval_settings(workdir: Path, seg_dir: Path, trained: ml_collections.ConfigD
                    ) -> tuple[dict[str, Any], str | None]:
   """Recommended inference settings and the checkpoint the workdir's eval stage used (if it ran on
   this seg folder), else defaults."""
-  path = workdir / "eval" / "summary.json"
+  from oeem_jax import artifacts
+
+  path = artifacts.summary_path(workdir, "eval")
   if path.is_file():
     ev = _read_json(path, "eval stage summary").get("config", {}).get("eval", {})
-    used = Path(ev.get("seg_dir") or workdir / "seg")
+    used = Path(ev.get("seg_dir") or artifacts.stage_dir(workdir, "seg"))
     same = used.resolve() == seg_dir.resolve() if used.exists() else False
     if ev and same:
       keys = ("scales", "flip", "window", "stride", "batch_size", "min_object_area", "max_hole_area")
@@ -144,6 +146,7 @@ def card_from_seg_stage(seg_dir: str | Path, checkpoint: str = "", *, pixel_size
     InputError: unfinished seg stage, missing checkpoint.
   """
   from oeem_jax import train
+  from oeem_jax.models import factory
   from oeem_jax.stages import input_stats
 
   seg_dir = Path(seg_dir).expanduser()
@@ -169,8 +172,8 @@ def card_from_seg_stage(seg_dir: str | Path, checkpoint: str = "", *, pixel_size
   card = {
       "format": FORMAT,
       "network": {"model": trained.model.to_dict(),
-                  "seg": {"num_classes": int(seg.get("num_classes", 2)),
-                          "b7_dilation": int(seg.get("b7_dilation", 4))}},
+                  "seg": {"num_classes": int(seg.get("num_classes", factory.NUM_CLASSES)),
+                          "b7_dilation": int(seg.get("b7_dilation", factory.SEG_B7_DILATION))}},
       "input": {"channels": "RGB", "range": "0..255", "mean": [float(v) for v in mean],
                 "std": [float(v) for v in std],
                 "stats": None if stats is None else [list(map(float, s)) for s in stats]},
@@ -234,10 +237,14 @@ def write_model_folder(out: str | Path, card: dict[str, Any], variables: dict[st
 
 
 def build_network(card: dict[str, Any]):
-  """The `PSPNet` of a card's `network` section (`oeem_jax.stages.seg.make_model`)."""
-  from oeem_jax.stages import seg as seg_stage
+  """The `PSPNet` of a card's `network` section (`oeem_jax.models.make_segmenter`).
+
+  Raises:
+    KeyError: no `network`, `network.model` or `network.seg`; ValueError / TypeError: bad values.
+  """
+  from oeem_jax.models import make_segmenter
   net = card["network"]
-  return seg_stage.make_model(ml_collections.ConfigDict({"model": net["model"], "seg": net["seg"]}))
+  return make_segmenter(ml_collections.ConfigDict({"model": net["model"], "seg": net["seg"]}))
 
 
 def check_compatible(model, variables: dict[str, Any], where: str, window: int = 64) -> None:
@@ -292,10 +299,13 @@ def resolve(spec: str) -> tuple[str, Path]:
                      "(WORKDIR/export/model) or a workdir with a finished seg stage")
   if (path / "model.json").is_file():
     return "folder", path
-  if (path / "export" / "model" / "model.json").is_file():
-    return "folder", path / "export" / "model"
-  if (path / "seg").is_dir():
-    return "seg", path / "seg"
+  from oeem_jax import artifacts
+
+  exported = artifacts.exported_model_dir(artifacts.stage_dir(path, "export"))
+  if (exported / "model.json").is_file():
+    return "folder", exported
+  if artifacts.stage_dir(path, "seg").is_dir():
+    return "seg", artifacts.stage_dir(path, "seg")
   if (path / "summary.json").is_file() or (path / "checkpoints").is_dir():
     return "seg", path
   if (path / "variables").is_dir():

@@ -41,14 +41,14 @@ import numpy as np
 
 from oeem_jax.data.tiles import STRIDE, TILE, tile_offsets
 from oeem_jax.parallel import padded_batches
+from oeem_jax.scales import CAM_SCALES as DEFAULT_SCALES
 
-DEFAULT_SCALES = (1.0, 1.25, 1.5, 1.75, 2.0)
 CAM_INPUT = 224
 
 CamFn = Callable[[jax.Array], jax.Array]
 
 
-def scaled_size(scale: float, tile: int = TILE) -> int:
+def canvas_size(scale: float, tile: int = TILE) -> int:
   """Side of the rescaled tile canvas: int(tile * scale) as the reference computes it (112 * 1.75 -> 196)."""
   return int(tile * scale)
 
@@ -61,7 +61,7 @@ def subtile_offsets(scale: float, tile: int = TILE, stride: int = STRIDE) -> lis
   """
   if scale < 1.0:
     raise ValueError(f"CAM scales must be >= 1 (canvas >= {tile} px), got {scale}")
-  offs = tile_offsets(scaled_size(scale, tile), tile, stride)
+  offs = tile_offsets(canvas_size(scale, tile), tile, stride)
   return [(int(y), int(x)) for y in offs for x in offs]
 
 
@@ -129,7 +129,7 @@ def multiscale_cam(tiles: jax.Array, cam_fn: CamFn, *, scales: Sequence[float] =
     raise ValueError(f"cam_input must be a positive size, got {cam_input}")
   t = tiles.shape[0]
   x = jnp.asarray(tiles).astype(jnp.float32)
-  plans = [(scaled_size(s), subtile_offsets(s)) for s in scales]
+  plans = [(canvas_size(s), subtile_offsets(s)) for s in scales]
 
   # Steps 1-3: every sub-tile of every scale, resized to 224, in one batch [(sum k_s) * T, ...].
   crops = []

@@ -123,7 +123,7 @@ def predict_mask(apply_fn: inference.ApplyFn, read: Callable[[int, int, int, int
 
   Args:
     apply_fn: float32[batch_size, window, window, 3] -> float32[batch_size, window, window, C]
-      logits (jitted once, e.g. `oeem_jax.stages.eval.make_apply_fn`).
+      logits (jitted once, e.g. `oeem_jax.models.segmenter_apply_fn`).
     read: (y0, y1, x0, x1) -> uint8[y1 - y0, x1 - x0, 3] RGB of the image (e.g.
       `oeem_jax.images.ImageSource.read`).
     height, width: image size (px).

@@ -130,7 +130,7 @@ def test_frozen_backbone_bn_mask():
 
 def test_bn_mode_and_backbone_keys():
   from oeem_jax import config_base
-  from oeem_jax.stages import bn_frozen
+  from oeem_jax.models import bn_frozen
   c = config_base.get_base_config("cls")
   config_base.add_model_config(c)
   assert bn_frozen(c, "cls") is False and bn_frozen(c, "seg") is False
@@ -141,7 +141,7 @@ def test_bn_mode_and_backbone_keys():
   c.model.bn = "frozen"
   assert bn_frozen(c, "seg") is True
   c.model.bn = "maybe"
-  with pytest.raises(ValueError, match="model.bn is 'maybe'"):
+  with pytest.raises(ValueError, match="config key model.bn: 'maybe'; expected one of auto, frozen, train"):
     bn_frozen(c, "cls")
   with pytest.raises(ValueError, match="model.backbone is 'vgg16'"):
     CAMClassifier(backbone_name="vgg16").init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)), train=False)
@@ -242,7 +242,7 @@ def test_conversion_cached_without_torch(tmp_path, monkeypatch):
 def _torch_features(output_stride: int, x: np.ndarray) -> dict[str, np.ndarray]:
   import torch
 
-  from torch_efficientnet import lite0_features, torch_lite0
+  from oeem_jax.models.torch_reference import lite0_features, torch_lite0
   net = torch_lite0(output_stride).eval()
   with torch.no_grad():
     t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())

@@ -59,10 +59,10 @@ def test_scaled_size_rounds_half_up():
 
 def test_resize_bilinear_half_pixel_no_antialias():
   x = np.array([[0.0, 1.0]], np.float32)[..., None]
-  np.testing.assert_allclose(inference.resize_bilinear(x, (1, 4))[0, :, 0], [0, 0.25, 0.75, 1])
+  np.testing.assert_allclose(inference.resize_bilinear_host(x, (1, 4))[0, :, 0], [0, 0.25, 0.75, 1])
   # Downsampling by 2 averages pixel pairs (half-pixel centres), no wider antialias kernel.
   y = np.arange(8, dtype=np.float32)[None, :, None]
-  np.testing.assert_allclose(inference.resize_bilinear(y, (1, 4))[0, :, 0], [0.5, 2.5, 4.5, 6.5])
+  np.testing.assert_allclose(inference.resize_bilinear_host(y, (1, 4))[0, :, 0], [0.5, 2.5, 4.5, 6.5])
 
 
 def test_overlaps_are_averaged_hand_worked():
@@ -155,9 +155,9 @@ def test_scales_are_averaged():
   ref = np.zeros((24, 33, 2))
   for s in scales:
     size = inference.scaled_size(24, 33, s)
-    scaled = np.clip(np.rint(inference.resize_bilinear(img.astype(np.float32), size)), 0, 255)
+    scaled = np.clip(np.rint(inference.resize_bilinear_host(img.astype(np.float32), size)), 0, 255)
     logits = whole(pointwise, scaled / 255.0)
-    ref += softmax(inference.resize_bilinear(logits, (24, 33)), -1) / len(scales)
+    ref += softmax(inference.resize_bilinear_host(logits, (24, 33)), -1) / len(scales)
   np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
   # A constant image gives the same probabilities at every scale.
   const = np.full((24, 33, 3), 100, np.uint8)

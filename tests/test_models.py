@@ -95,13 +95,9 @@ def test_conv_gradient_implementations_agree(kernel, stride, dilation, h, w):
   x = jnp.asarray(rng.standard_normal((2, h, w, 3)), jnp.float32)
   k = jnp.asarray(rng.standard_normal((kernel, kernel, 3, 4)), jnp.float32)
   out = {}
-  try:
-    for impl in ("xla", "dots"):
-      resnet38.set_conv_impl(impl)
-      f = lambda x, k: jnp.sum(jnp.sin(resnet38.conv2d(x, k, stride, dilation)))  # noqa: E731
-      out[impl] = (resnet38.conv2d(x, k, stride, dilation),) + jax.grad(f, argnums=(0, 1))(x, k)
-  finally:
-    resnet38.set_conv_impl("auto")
+  for impl in ("xla", "dots"):
+    f = lambda x, k, impl=impl: jnp.sum(jnp.sin(resnet38.conv2d(x, k, stride, dilation, impl)))  # noqa: E731
+    out[impl] = (resnet38.conv2d(x, k, stride, dilation, impl),) + jax.grad(f, argnums=(0, 1))(x, k)
   assert out["xla"][0].shape == (2, (h - 1) // stride + 1, (w - 1) // stride + 1, 4)
   for a, b in zip(out["xla"], out["dots"]):
     np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)

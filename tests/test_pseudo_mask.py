@@ -121,7 +121,7 @@ def _np_multiscale_cam(tiles, cam_fn, scales, emulate_pil):
 # Tests.
 # ----------------------------------------------------------------------------------------------
 def test_scale_plan_gives_1_4_4_9_9_subtiles():
-  assert [pm.scaled_size(s) for s in pm.DEFAULT_SCALES] == [112, 140, 168, 196, 224]
+  assert [pm.canvas_size(s) for s in pm.DEFAULT_SCALES] == [112, 140, 168, 196, 224]
   counts = [len(pm.subtile_offsets(s)) for s in pm.DEFAULT_SCALES]
   assert counts == [1, 4, 4, 9, 9] and sum(counts) == 27
   assert pm.subtile_offsets(1.25) == [(0, 0), (0, 28), (28, 0), (28, 28)]

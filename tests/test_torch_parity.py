@@ -1,13 +1,13 @@
 """Flax <-> PyTorch parity of ResNet38 / CAMClassifier / PSPNet and of the res38d.pth importer.
 
-A PyTorch (NCHW) implementation of the networks is written here from REFERENCE.md §2 and §4 only
-(tests only; the package never imports torch except to read a checkpoint). Its module names follow the
+The PyTorch (NCHW) implementation of the networks is `oeem_jax.models.torch_reference` (used by tests
+and benchmarks only; the package never imports it, nor torch except to read a checkpoint). Its module names follow the
 reference resnet38d state-dict convention (conv1a, b2, b2_1, ..., b7, bn7; bn_branch2a, conv_branch2a,
 bn_branch2b1, conv_branch2b1, bn_branch2b2, conv_branch2b2, conv_branch1 inside blocks), so a random
 state dict saved from it has the keys of the real `res38d.pth`. The test saves one, imports it with
 `load_res38d`, and compares eval-mode outputs.
 
-`launch/bench_models.py --torch` reuses `TorchResNet38` etc. to time PyTorch on the same shapes.
+`launch/bench_models.py --torch` times the same PyTorch networks on the same shapes.
 """
 
 from __future__ import annotations
@@ -18,137 +18,9 @@ import pytest
 torch = pytest.importorskip("torch", reason="torch not installed (pip install 'oeem_jax[torch]'); "
                             "Flax<->PyTorch parity needs it")
 nn = torch.nn
-F = torch.nn.functional
 
-
-def _ch(c: int, width: float) -> int:
-  return max(1, int(round(c * width)))
-
-
-class TorchBasicBlock(nn.Module):
-  """Pre-activation basic block (in, mid, out, stride, first_dilation, dilation)."""
-
-  def __init__(self, cin, mid, cout, stride=1, first_dilation=1, dilation=1):
-    super().__init__()
-    self.same_shape = cin == cout and stride == 1
-    self.bn_branch2a = nn.BatchNorm2d(cin)
-    self.conv_branch2a = nn.Conv2d(cin, mid, 3, stride, padding=first_dilation, dilation=first_dilation,
-                                   bias=False)
-    self.bn_branch2b1 = nn.BatchNorm2d(mid)
-    self.conv_branch2b1 = nn.Conv2d(mid, cout, 3, padding=dilation, dilation=dilation, bias=False)
-    if not self.same_shape:
-      self.conv_branch1 = nn.Conv2d(cin, cout, 1, stride, bias=False)
-
-  def forward(self, x):
-    a = F.relu(self.bn_branch2a(x))
-    shortcut = x if self.same_shape else self.conv_branch1(a)
-    h = self.conv_branch2b1(F.relu(self.bn_branch2b1(self.conv_branch2a(a))))
-    return shortcut + h, a
-
-
-class TorchBottleneck(nn.Module):
-  """Pre-activation bottleneck (in, out, dilation, dropout)."""
-
-  def __init__(self, cin, cout, out4, out2, dilation, p):
-    super().__init__()
-    self.bn_branch2a = nn.BatchNorm2d(cin)
-    self.conv_branch2a = nn.Conv2d(cin, out4, 1, bias=False)
-    self.bn_branch2b1 = nn.BatchNorm2d(out4)
-    self.dropout_2b1 = nn.Dropout2d(p)
-    self.conv_branch2b1 = nn.Conv2d(out4, out2, 3, padding=dilation, dilation=dilation, bias=False)
-    self.bn_branch2b2 = nn.BatchNorm2d(out2)
-    self.dropout_2b2 = nn.Dropout2d(p)
-    self.conv_branch2b2 = nn.Conv2d(out2, cout, 1, bias=False)
-    self.conv_branch1 = nn.Conv2d(cin, cout, 1, bias=False)
-
-  def forward(self, x):
-    a = F.relu(self.bn_branch2a(x))
-    h = self.dropout_2b1(F.relu(self.bn_branch2b1(self.conv_branch2a(a))))
-    h = self.dropout_2b2(F.relu(self.bn_branch2b2(self.conv_branch2b1(h))))
-    return self.conv_branch1(a) + self.conv_branch2b2(h), a
-
-
-class TorchResNet38(nn.Module):
-  """ResNet-38d (REFERENCE.md §2) at a width multiplier; forward returns the three stride-8 features."""
-
-  def __init__(self, width=1.0, b7_dilation=2):
-    super().__init__()
-    c = lambda n: _ch(n, width)  # noqa: E731
-    self.conv1a = nn.Conv2d(3, c(64), 3, padding=1, bias=False)
-    self.b2 = TorchBasicBlock(c(64), c(128), c(128), stride=2)
-    self.b2_1 = TorchBasicBlock(c(128), c(128), c(128))
-    self.b2_2 = TorchBasicBlock(c(128), c(128), c(128))
-    self.b3 = TorchBasicBlock(c(128), c(256), c(256), stride=2)
-    self.b3_1 = TorchBasicBlock(c(256), c(256), c(256))
-    self.b3_2 = TorchBasicBlock(c(256), c(256), c(256))
-    self.b4 = TorchBasicBlock(c(256), c(512), c(512), stride=2)
-    for i in range(1, 6):
-      setattr(self, f"b4_{i}", TorchBasicBlock(c(512), c(512), c(512)))
-    self.b5 = TorchBasicBlock(c(512), c(512), c(1024), first_dilation=1, dilation=2)
-    self.b5_1 = TorchBasicBlock(c(1024), c(512), c(1024), first_dilation=2, dilation=2)
-    self.b5_2 = TorchBasicBlock(c(1024), c(512), c(1024), first_dilation=2, dilation=2)
-    self.b6 = TorchBottleneck(c(1024), c(2048), c(512), c(1024), dilation=4, p=0.3)
-    self.b7 = TorchBottleneck(c(2048), c(4096), c(1024), c(2048), dilation=b7_dilation, p=0.5)
-    self.bn7 = nn.BatchNorm2d(c(4096))
-
-  def forward(self, x):
-    x = self.conv1a(x)
-    for name in ["b2", "b2_1", "b2_2", "b3", "b3_1", "b3_2", "b4"] + [f"b4_{i}" for i in range(1, 6)]:
-      x, _ = getattr(self, name)(x)
-    x, b5_in = self.b5(x)
-    x, _ = self.b5_1(x)
-    x, _ = self.b5_2(x)
-    x, b6_in = self.b6(x)
-    x, _ = self.b7(x)
-    return {"b5_in": b5_in, "b6_in": b6_in, "out": F.relu(self.bn7(x))}
-
-
-class TorchCAMClassifier(nn.Module):
-  def __init__(self, width=1.0, num_classes=2):
-    super().__init__()
-    self.backbone = TorchResNet38(width, b7_dilation=2)
-    self.fc = nn.Linear(sum(_ch(c, width) for c in (512, 1024, 4096)), num_classes)
-
-  def forward(self, x):
-    f = self.backbone(x)
-    feat = torch.cat([f["b5_in"], f["b6_in"], f["out"]], 1)
-    return self.fc(feat.mean((2, 3)))
-
-  def cam(self, x):
-    f = self.backbone(x)
-    feat = torch.cat([f["b5_in"], f["b6_in"], f["out"]], 1)
-    return F.conv2d(feat, self.fc.weight[:, :, None, None], self.fc.bias)
-
-
-class TorchConvBNReLU(nn.Sequential):
-  def __init__(self, cin, cout, k):
-    super().__init__(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
-
-
-class TorchPSPNet(nn.Module):
-  """PSPNet (REFERENCE.md §4) with torch's own AdaptiveAvgPool2d and F.interpolate(align_corners=False)."""
-
-  def __init__(self, width=1.0, num_classes=2):
-    super().__init__()
-    self.backbone = TorchResNet38(width, b7_dilation=4)
-    cin, ch, aux_in, aux_ch = _ch(4096, width), _ch(512, width), _ch(1024, width), _ch(256, width)
-    self.bins = (1, 2, 3, 6)
-    self.ppm = nn.ModuleList([TorchConvBNReLU(cin, ch, 1) for _ in self.bins])
-    self.bottleneck = TorchConvBNReLU(cin + 4 * ch, ch, 3)
-    self.conv_seg = nn.Conv2d(ch, num_classes, 1)
-    self.aux_conv = TorchConvBNReLU(aux_in, aux_ch, 3)
-    self.aux_conv_seg = nn.Conv2d(aux_ch, num_classes, 1)
-
-  def forward(self, x):
-    size = x.shape[2:]
-    f = self.backbone(x)
-    y = f["out"]
-    outs = [y] + [F.interpolate(m(F.adaptive_avg_pool2d(y, b)), size=y.shape[2:], mode="bilinear",
-                                align_corners=False) for b, m in zip(self.bins, self.ppm)]
-    y = self.conv_seg(self.bottleneck(torch.cat(outs, 1)))
-    aux = self.aux_conv_seg(self.aux_conv(f["b6_in"]))
-    up = lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=False)  # noqa: E731
-    return up(y), up(aux)
+from oeem_jax.models.torch_reference import (  # noqa: E402  (after the importorskip)
+    TorchCAMClassifier, TorchPSPNet, TorchResNet38)
 
 
 def randomize_(module: nn.Module, seed: int) -> None:

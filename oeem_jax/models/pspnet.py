@@ -79,10 +79,12 @@ class ConvBNReLU(nn.Module):
   features: int
   kernel: int
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    x = conv(self.features, self.kernel, name="conv", dtype=self.dtype, kernel_init=kaiming_normal_fan_out)(x)
+    x = conv(self.features, self.kernel, name="conv", dtype=self.dtype, kernel_init=kaiming_normal_fan_out,
+             impl=self.conv_impl)(x)
     return nn.relu(batch_norm(use_running_average=not train, name="bn", dtype=self.dtype)(x))
 
 
@@ -98,6 +100,7 @@ class PSPHead(nn.Module):
   num_classes: int
   bins: Sequence[int] = PSP_BINS
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -105,9 +108,10 @@ class PSPHead(nn.Module):
     outs = [x]
     for b in self.bins:
       p = adaptive_avg_pool(x, b)
-      p = ConvBNReLU(self.channels, 1, dtype=self.dtype, name=f"ppm_{b}")(p, train)
+      p = ConvBNReLU(self.channels, 1, dtype=self.dtype, conv_impl=self.conv_impl, name=f"ppm_{b}")(p, train)
       outs.append(resize_bilinear(p, h, w).astype(x.dtype))
-    y = ConvBNReLU(self.channels, 3, dtype=self.dtype, name="bottleneck")(jnp.concatenate(outs, -1), train)
+    y = ConvBNReLU(self.channels, 3, dtype=self.dtype, conv_impl=self.conv_impl,
+                   name="bottleneck")(jnp.concatenate(outs, -1), train)
     y = dropout2d(0.1, deterministic=not train)(y)
     return _seg_conv(self.num_classes, "conv_seg")(y.astype(jnp.float32))
 
@@ -117,10 +121,11 @@ class FCNHead(nn.Module):
   channels: int
   num_classes: int
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = ConvBNReLU(self.channels, 3, dtype=self.dtype, name="conv")(x, train)
+    y = ConvBNReLU(self.channels, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv")(x, train)
     y = dropout2d(0.1, deterministic=not train)(y)
     return _seg_conv(self.num_classes, "conv_seg")(y.astype(jnp.float32))
 
@@ -139,6 +144,8 @@ class PSPNet(nn.Module):
       head on 'stage5', 112 channels: the last stage at the ImageNet network's stride 16, the place
       of ResNet's layer3 / ResNet38's B5 output, where mmseg's PSPNet puts its auxiliary head).
     backbone_bn_frozen: True = backbone BN on its running (e.g. ImageNet) statistics, never updated.
+    conv_impl: how the convolution gradients (backbone and heads) are computed
+      (`resnet38.CONV_IMPLS`; same numbers, different speed).
 
   Parameters: 'backbone' (ResNet38), 'decode' (PSPHead: ppm_1/2/3/6, bottleneck, conv_seg),
   'aux' (FCNHead: conv, conv_seg); BN statistics in 'batch_stats'.
@@ -149,6 +156,7 @@ class PSPNet(nn.Module):
   dtype: Any = jnp.float32
   backbone_name: str = "resnet38"
   backbone_bn_frozen: bool = False
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
@@ -163,9 +171,10 @@ class PSPNet(nn.Module):
     """
     _, height, width_px, _ = x.shape
     f = make_backbone(self.backbone_name, width=self.width, dilation=self.b7_dilation,
-                      bn_frozen=self.backbone_bn_frozen, dtype=self.dtype, name="backbone")(x, train)
+                      bn_frozen=self.backbone_bn_frozen, dtype=self.dtype, name="backbone",
+                      conv_impl=self.conv_impl)(x, train)
     logits = PSPHead(scaled_channels(512, self.width), self.num_classes, dtype=self.dtype,
-                     name="decode")(f["out"], train)
+                     conv_impl=self.conv_impl, name="decode")(f["out"], train)
     aux = FCNHead(scaled_channels(256, self.width), self.num_classes, dtype=self.dtype,
-                  name="aux")(f[AUX_FEATURE[self.backbone_name]], train)
+                  conv_impl=self.conv_impl, name="aux")(f[AUX_FEATURE[self.backbone_name]], train)
     return resize_bilinear(logits, height, width_px), resize_bilinear(aux, height, width_px)

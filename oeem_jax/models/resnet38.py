@@ -38,13 +38,13 @@ Conventions (all checked by tests/test_models.py and tests/test_torch_parity.py)
   weights) and BN statistics are reduced in float32.
 - Speed on CPU: convolutions go through `conv2d`, which on the CPU backend computes 1x1 convs as
   matmuls and the weight gradient of kxk convs as one im2col matmul (XLA:CPU's own weight-gradient
-  convolution is 3-10x slower than its forward pass); same numbers, see `set_conv_impl`.
+  convolution is 3-10x slower than its forward pass); same numbers, see `CONV_IMPLS` and the
+  `conv_impl` attribute of the networks.
 """
 
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any
 
 import flax.linen as nn
@@ -75,27 +75,30 @@ def feature_size(size: int) -> int:
   return size
 
 
-# How convolutions are differentiated (read when a function is traced):
+# How convolutions are differentiated (the `conv_impl` attribute of the networks, `conv2d`'s `impl`):
 #   'xla'  - plain lax.conv_general_dilated and XLA's own gradients;
 #   'dots' - 1x1 convs as a matmul (einsum); kxk convs keep XLA's forward and input gradient but
 #            compute the weight gradient as one im2col matmul (see `conv2d`);
 #   'auto' - on the CPU backend 'dots' for convs with Cin*Cout >= DOTS_MIN_CHANNEL_PRODUCT (XLA:CPU's
 #            weight-gradient convolution runs at ~10-20 GFLOP/s on 2 cores, 3-10x below its forward,
 #            for these wide layers; narrow ones gain nothing), 'xla' for the rest and on GPU/TPU.
-_CONV_IMPL = {"impl": os.environ.get("OEEM_CONV_IMPL", "auto")}
+CONV_IMPLS = ("auto", "xla", "dots")
 DOTS_MIN_CHANNEL_PRODUCT = 256 * 256
 
 
-def set_conv_impl(impl: str) -> None:
-  """Selects the convolution gradient implementation ('auto', 'xla' or 'dots') for later traces."""
-  if impl not in ("auto", "xla", "dots"):
+def check_conv_impl(impl: str) -> str:
+  """`impl` when it is one of `CONV_IMPLS`.
+
+  Raises:
+    ValueError: any other value.
+  """
+  if impl not in CONV_IMPLS:
     raise ValueError(f"conv impl must be 'auto', 'xla' or 'dots', got {impl!r}")
-  _CONV_IMPL["impl"] = impl
+  return impl
 
 
-def _use_dots(cin: int, cout: int) -> bool:
-  impl = _CONV_IMPL["impl"]
-  if impl == "auto":
+def _use_dots(cin: int, cout: int, impl: str) -> bool:
+  if check_conv_impl(impl) == "auto":
     return jax.default_backend() == "cpu" and cin * cout >= DOTS_MIN_CHANNEL_PRODUCT
   return impl == "dots"
 
@@ -141,15 +144,20 @@ def _conv_bwd(stride, dilation, res, g):
 _conv_wgrad_dot.defvjp(_conv_fwd, _conv_bwd)
 
 
-def conv2d(x: jax.Array, k: jax.Array, stride: int = 1, dilation: int = 1) -> jax.Array:
+def conv2d(x: jax.Array, k: jax.Array, stride: int = 1, dilation: int = 1,
+           impl: str = "auto") -> jax.Array:
   """Bias-free NHWC conv with PyTorch's symmetric padding p = dilation*(k-1)/2 (odd square kernels).
 
   x: [N, H, W, Cin], k: [kh, kw, Cin, Cout] (HWIO) -> [N, (H-1)//stride+1, (W-1)//stride+1, Cout].
-  The math is identical for every `set_conv_impl` choice; only how XLA computes the gradients differs.
+  `impl` (one of `CONV_IMPLS`) picks how the gradients are computed; the math is identical for
+  every choice.
+
+  Raises:
+    ValueError: a kernel that is not odd and square, or an unknown `impl`.
   """
   if k.shape[0] != k.shape[1] or k.shape[0] % 2 != 1:
     raise ValueError(f"conv2d expects an odd square kernel, got {k.shape}")
-  if not _use_dots(k.shape[2], k.shape[3]):
+  if not _use_dots(k.shape[2], k.shape[3], impl):
     return _lax_conv(x, k, stride, dilation)
   if k.shape[0] == 1:
     if stride > 1:
@@ -159,26 +167,27 @@ def conv2d(x: jax.Array, k: jax.Array, stride: int = 1, dilation: int = 1) -> ja
 
 
 class Conv2d(nn.Module):
-  """Bias-free conv (param 'kernel' HWIO, float32) computed in `dtype` by `conv2d`."""
+  """Bias-free conv (param 'kernel' HWIO, float32) computed in `dtype` by `conv2d` (`impl`)."""
   features: int
   kernel: int
   stride: int = 1
   dilation: int = 1
   dtype: Any = jnp.float32
   kernel_init: Any = torch_default_init
+  impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     k = self.param("kernel", self.kernel_init, (self.kernel, self.kernel, x.shape[-1], self.features),
                    jnp.float32)
-    return conv2d(x.astype(self.dtype), k.astype(self.dtype), self.stride, self.dilation)
+    return conv2d(x.astype(self.dtype), k.astype(self.dtype), self.stride, self.dilation, self.impl)
 
 
 def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1, name: str,
-         dtype: Any = jnp.float32, kernel_init=torch_default_init) -> Conv2d:
+         dtype: Any = jnp.float32, kernel_init=torch_default_init, impl: str = "auto") -> Conv2d:
   """A bias-free conv with PyTorch's symmetric padding ((p, p), (p, p)), p = dilation*(kernel-1)/2."""
   return Conv2d(features, kernel, stride=stride, dilation=dilation, dtype=dtype, kernel_init=kernel_init,
-                name=name)
+                impl=impl, name=name)
 
 
 def batch_norm(*, use_running_average: bool, name: str, dtype: Any = jnp.float32) -> nn.BatchNorm:
@@ -205,20 +214,21 @@ class BasicBlock(nn.Module):
   dilation: int = 1
   bn_frozen: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     """x: [N, H, W, in] -> (y [N, H', W', out], a = ReLU(BN(x)) [N, H, W, in])."""
     ura = self.bn_frozen or not train
+    cv = functools.partial(conv, dtype=self.dtype, impl=self.conv_impl)
     a = nn.relu(batch_norm(use_running_average=ura, name="bn_branch2a", dtype=self.dtype)(x))
     if x.shape[-1] == self.out and self.stride == 1:
       shortcut = x
     else:
-      shortcut = conv(self.out, 1, stride=self.stride, name="conv_branch1", dtype=self.dtype)(a)
-    h = conv(self.mid, 3, stride=self.stride, dilation=self.first_dilation, name="conv_branch2a",
-             dtype=self.dtype)(a)
+      shortcut = cv(self.out, 1, stride=self.stride, name="conv_branch1")(a)
+    h = cv(self.mid, 3, stride=self.stride, dilation=self.first_dilation, name="conv_branch2a")(a)
     h = nn.relu(batch_norm(use_running_average=ura, name="bn_branch2b1", dtype=self.dtype)(h))
-    h = conv(self.out, 3, dilation=self.dilation, name="conv_branch2b1", dtype=self.dtype)(h)
+    h = cv(self.out, 3, dilation=self.dilation, name="conv_branch2b1")(h)
     return shortcut + h, a
 
 
@@ -236,20 +246,22 @@ class BottleneckBlock(nn.Module):
   dropout: float
   bn_frozen: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     """x: [N, H, W, in] -> (y [N, H, W, out], a = ReLU(BN(x)) [N, H, W, in])."""
     ura = self.bn_frozen or not train
+    cv = functools.partial(conv, dtype=self.dtype, impl=self.conv_impl)
     a = nn.relu(batch_norm(use_running_average=ura, name="bn_branch2a", dtype=self.dtype)(x))
-    shortcut = conv(self.out, 1, name="conv_branch1", dtype=self.dtype)(a)
-    h = conv(self.out4, 1, name="conv_branch2a", dtype=self.dtype)(a)
+    shortcut = cv(self.out, 1, name="conv_branch1")(a)
+    h = cv(self.out4, 1, name="conv_branch2a")(a)
     h = nn.relu(batch_norm(use_running_average=ura, name="bn_branch2b1", dtype=self.dtype)(h))
     h = dropout2d(self.dropout, deterministic=not train)(h)
-    h = conv(self.out2, 3, dilation=self.dilation, name="conv_branch2b1", dtype=self.dtype)(h)
+    h = cv(self.out2, 3, dilation=self.dilation, name="conv_branch2b1")(h)
     h = nn.relu(batch_norm(use_running_average=ura, name="bn_branch2b2", dtype=self.dtype)(h))
     h = dropout2d(self.dropout, deterministic=not train)(h)
-    h = conv(self.out, 1, name="conv_branch2b2", dtype=self.dtype)(h)
+    h = cv(self.out, 1, name="conv_branch2b2")(h)
     return shortcut + h, a
 
 
@@ -262,11 +274,13 @@ class ResNet38(nn.Module):
     bn_frozen: True = every BN uses its running statistics and never updates them, even when
       `train=True` (reference classifier); False = batch statistics when training (segmenter).
     dtype: compute dtype (float32 or bfloat16); parameters stay float32.
+    conv_impl: how the convolutions' gradients are computed, one of `CONV_IMPLS` (same numbers).
   """
   width: float = 1.0
   b7_dilation: int = 2
   bn_frozen: bool = False
   dtype: Any = jnp.float32
+  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -286,9 +300,9 @@ class ResNet38(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"ResNet38 expects NHWC RGB input [N, H, W, 3], got shape {x.shape}")
     ch = lambda c: scaled_channels(c, self.width)  # noqa: E731
-    kw = dict(bn_frozen=self.bn_frozen, dtype=self.dtype)
+    kw = dict(bn_frozen=self.bn_frozen, dtype=self.dtype, conv_impl=self.conv_impl)
     x = x.astype(self.dtype)
-    x = conv(ch(64), 3, name="conv1a", dtype=self.dtype)(x)
+    x = conv(ch(64), 3, name="conv1a", dtype=self.dtype, impl=self.conv_impl)(x)
     x, _ = BasicBlock(ch(128), ch(128), stride=2, name="b2", **kw)(x, train)
     x, _ = BasicBlock(ch(128), ch(128), name="b2_1", **kw)(x, train)
     x, _ = BasicBlock(ch(128), ch(128), name="b2_2", **kw)(x, train)

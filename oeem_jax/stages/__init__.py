@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from absl import logging
 
 from oeem_jax import io_utils
+from oeem_jax.artifacts import stage_dir, summary_path  # the workdir layout (oeem_jax.artifacts)
 
 if TYPE_CHECKING:  # annotations only: importing this package needs no ml_collections
   import ml_collections
@@ -24,12 +25,6 @@ if TYPE_CHECKING:  # annotations only: importing this package needs no ml_collec
 STAGES = ("prepare", "cls", "cam", "seg", "eval", "pipeline", "export", "predict")
 
 
-def stage_dir(workdir: str | Path, stage: str) -> Path:
-  return Path(workdir) / stage
-
-
-def summary_path(workdir: str | Path, stage: str) -> Path:
-  return stage_dir(workdir, stage) / "summary.json"
 
 
 def run_stage(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[str, Any]:
@@ -75,26 +70,6 @@ def run_stage(config: ml_collections.ConfigDict, workdir: str | Path) -> dict[st
   logging.info("stage %s done in %.1f s; summary: %s", stage, summary["wall_time_s"],
                summary_path(workdir, stage))
   return summary
-
-
-def training_config(train_stage_dir: str | Path,
-                    fallback: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """The config a training stage ran with (from its summary.json), so that a later stage rebuilds
-  exactly the network it trained (width, dilation, classes, dtype).
-
-  Falls back to `fallback` (the calling stage's own config, which carries `model` and the training
-  stage's section with the same defaults) when that summary does not exist.
-  """
-  import json
-
-  import ml_collections
-
-  path = Path(train_stage_dir) / "summary.json"
-  if not path.is_file():
-    logging.warning("%s not found; building the network from this stage's own config", path)
-    return fallback
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f)["config"])
 
 
 class ImageNetInit:
@@ -162,24 +137,3 @@ def input_stats(config: ml_collections.ConfigDict):
   feeds its networks (`data.pipeline.input_stats`); None = ResNet38's per-stage defaults."""
   from oeem_jax.data.pipeline import input_stats as stats_of
   return stats_of(str(config.model.get("backbone", "resnet38")))
-
-
-BN_MODES = ("auto", "frozen", "train")
-
-
-def bn_frozen(config: ml_collections.ConfigDict, stage: str) -> bool:
-  """Whether the backbone's BN stays on its running statistics (and gamma/beta are frozen).
-
-  `model.bn`: "auto" = frozen in the classifier when it starts from ImageNet weights (the reference),
-  trained otherwise and always in the segmenter; "frozen" / "train" = that, in both stages.
-
-  Raises:
-    ValueError: another value of `model.bn`.
-  """
-  mode = str(config.model.get("bn", "auto"))
-  if mode not in BN_MODES:
-    from oeem_jax.config_check import ConfigError
-    raise ConfigError("model.bn", repr(mode), "one of " + ", ".join(BN_MODES))
-  if mode == "auto":
-    return stage == "cls" and bool(config.model.get("init_checkpoint", ""))
-  return mode == "frozen"

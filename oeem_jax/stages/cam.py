@@ -25,15 +25,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from oeem_jax import io_utils, metrics, pseudo_mask
+from oeem_jax import artifacts, metrics, pseudo_mask
 from oeem_jax.data import tiles as tiles_lib
-
-# Palette of the 0/1 pseudo-mask PNGs: 0 black, 1 white (so that viewers don't show "all black").
-PALETTE = [0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254
-
-
-def pseudo_mask_path(stage_dir: Path, name: str) -> Path:
-  return stage_dir / "pseudo_masks" / f"{name}.png"
 
 
 def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
@@ -47,17 +40,16 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
 
   from oeem_jax import train
   from oeem_jax.data import glas
+  from oeem_jax.models import make_classifier
   from oeem_jax.models.classifier import CAMClassifier
-  from oeem_jax.stages import cls as cls_stage
 
   cam_cfg, data_cfg = config.cam, config.data
-  cls_dir = Path(cam_cfg.cls_dir) if cam_cfg.cls_dir else stage_dir.parent / "cls"
+  cls_dir = artifacts.upstream_dir(stage_dir, "cls", cam_cfg.cls_dir)
   variables, step = train.load_variables(cls_dir, cam_cfg.checkpoint)
   logging.info("cam: restored %s classifier checkpoint of step %d from %s", cam_cfg.checkpoint, step,
                cls_dir)
-  from oeem_jax.stages import training_config
-  trained = training_config(cls_dir, config)
-  model = cls_stage.make_model(trained)
+  trained = artifacts.training_config(cls_dir, config)
+  model = make_classifier(trained)
   from oeem_jax.data.pipeline import normalizer
   from oeem_jax.stages import input_stats
   normalize = normalizer("cls", input_stats(trained))
@@ -96,15 +88,14 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
     conf_pseudo += c_pseudo
     conf_cam += metrics.confusion_matrix(cam_mask, truth)
     per_image.append({"name": ex.name, "pseudo_mask_miou": metrics.pixel_metrics(c_pseudo)["miou"]})
-    io_utils.atomic_write_png(pseudo_mask_path(stage_dir, ex.name), pseudo, palette=PALETTE)
-    io_utils.atomic_write_png(stage_dir / "previews" / f"{ex.name}.png", pseudo * np.uint8(255))
+    artifacts.write_pseudo_mask(stage_dir, ex.name, pseudo)
     logging.log_every_n_seconds(logging.INFO, "cam: %d/%d images (%s, %d tiles)", 20, k + 1,
                                 len(examples), ex.name, len(boxes))
 
   cam_pm = metrics.pixel_metrics(conf_cam)
   pseudo_pm = metrics.pixel_metrics(conf_pseudo)
   label = " (SYNTHETIC data)" if data.synthetic else ""
-  line = (f"cam{label}: {len(examples)} pseudo-masks in {stage_dir / 'pseudo_masks'}; "
+  line = (f"cam{label}: {len(examples)} pseudo-masks in {artifacts.pseudo_mask_dir(stage_dir)}; "
           f"CAM mIoU {100 * cam_pm['miou']:.2f}, pseudo-mask mIoU {100 * pseudo_pm['miou']:.2f} "
           f"(paper Table 2: 67.92 / 70.04)")
   logging.info("%s", line)
@@ -118,6 +109,6 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
       "cam_pixel_metrics": cam_pm,
       "pseudo_mask_pixel_metrics": pseudo_pm,
       "per_image": per_image,
-      "pseudo_mask_dir": str(stage_dir / "pseudo_masks"),
+      "pseudo_mask_dir": str(artifacts.pseudo_mask_dir(stage_dir)),
       "final_line": line,
   }

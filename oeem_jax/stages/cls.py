@@ -50,21 +50,6 @@ def uses_pretrained(config: ml_collections.ConfigDict) -> bool:
   return bool(config.model.get("init_checkpoint", ""))
 
 
-def make_model(config: ml_collections.ConfigDict, *, bn_frozen: bool | None = None):
-  """The stage's `CAMClassifier` from `config.model` / `config.cls` (defaults when `cls` is absent).
-
-  `bn_frozen` defaults to `stages.bn_frozen(config, "cls")` (config key model.bn).
-  """
-  from oeem_jax.models import CAMClassifier
-  from oeem_jax.stages import bn_frozen as bn_mode
-  cls_cfg = config.get("cls", {})
-  return CAMClassifier(width=float(config.model.width), num_classes=int(cls_cfg.get("num_classes", 2)),
-                       b7_dilation=int(cls_cfg.get("b7_dilation", 2)),
-                       bn_frozen=bn_mode(config, "cls") if bn_frozen is None else bn_frozen,
-                       dtype=jnp.dtype(config.model.get("dtype", "float32")),
-                       backbone_name=str(config.model.get("backbone", "resnet38")))
-
-
 def build_tiles(examples: Sequence[Any], data_cfg) -> tuple[np.ndarray, np.ndarray]:
   """Tiles and patch labels of `examples` (REFERENCE.md §1).
 
@@ -216,7 +201,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
                len(data.splits["val"]), steps, batch, steps * batch / len(tiles))
 
   pretrained = uses_pretrained(config)
-  model = make_model(config)
+  from oeem_jax.models import make_classifier
+  model = make_classifier(config)
   input_size = int(config.cls.input_size)
   load = imagenet_init_hook(config, "cls")  # pretrained-weights hook for train_loop (or None)
   stats = input_stats(config)

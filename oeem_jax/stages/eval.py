@@ -21,15 +21,13 @@ the number of images, their sizes or the scales.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import logging
 
-from oeem_jax import inference, io_utils, metrics
+from oeem_jax import artifacts, inference, io_utils, metrics
 
 # Contour colours on the overlays (RGB).
 PRED_COLOUR = (0, 255, 0)
@@ -56,22 +54,6 @@ def overlay_contours(image: np.ndarray, pred: np.ndarray, gt_instances: np.ndarr
   return out
 
 
-def make_apply_fn(model, variables: dict[str, Any]):
-  """Returns a jitted `float32[B, h, w, 3] -> float32[B, h, w, C]` logits function (eval mode).
-
-  The variables are closed over as device arrays; jit caches one executable per input shape, and
-  `inference` only ever feeds one shape.
-  """
-  variables = jax.device_put(variables)
-
-  @jax.jit
-  def apply(x):
-    logits, _ = model.apply(variables, x, train=False)
-    return logits.astype(jnp.float32)
-
-  return lambda x: np.asarray(apply(jnp.asarray(x)))
-
-
 def predict_split(apply_fn, examples, eval_cfg, out_dir: Path, normalize) -> dict[str, np.ndarray]:
   """Predicts every example; writes predictions/ and overlays/; returns name -> uint8[H, W] 0/1."""
   preds = {}
@@ -84,13 +66,44 @@ def predict_split(apply_fn, examples, eval_cfg, out_dir: Path, normalize) -> dic
         np.argmax(probs, axis=-1), min_object_area=int(eval_cfg.min_object_area),
         max_hole_area=int(eval_cfg.max_hole_area))
     preds[ex.name] = pred
-    io_utils.atomic_write_png(out_dir / "predictions" / f"{ex.name}.png", pred * np.uint8(255))
+    artifacts.write_prediction(out_dir, ex.name, pred)
     if eval_cfg.overlays:
       io_utils.atomic_write_png(out_dir / "overlays" / f"{ex.name}.png",
                                 overlay_contours(ex.image, pred, ex.mask))
     logging.log_every_n_seconds(logging.INFO, "eval: %d/%d images (%s)", 20, k + 1, len(examples),
                                 ex.name)
   return preds
+
+
+def score_splits(preds: dict[str, np.ndarray], split_examples: dict[str, Sequence[Any]],
+                 splits: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+  """Scores predictions per split: each image once, a split's metrics pool its images' counts
+  (test = test_a + test_b; `metrics.pool_scores`).
+
+  Args:
+    preds: image name -> uint8/bool[H, W] 0/1 prediction, for every image of `splits`.
+    split_examples: split name -> its `Example`s (`mask`: int[H, W] instance ids).
+    splits: the splits to report, in order.
+
+  Returns:
+    (split -> {"pixel": ..., "object": ...} pooled metrics, per-image rows: one per image with the
+    first (narrowest) split it appears in as "split").
+
+  Raises:
+    KeyError: an image of `splits` without a prediction; ValueError: see `metrics.score_image`.
+  """
+  scores = {}
+  for s in splits:
+    for ex in split_examples[s]:
+      if ex.name not in scores:
+        scores[ex.name] = metrics.score_image(preds[ex.name], ex.mask, ex.name)
+  results, rows = {}, {}
+  for s in splits:
+    r = metrics.pool_scores([scores[e.name] for e in split_examples[s]])
+    for row in r.pop("per_image"):
+      rows.setdefault(row["name"], {"split": s, **row})  # an image's first (narrowest) split
+    results[s] = r
+  return results, list(rows.values())
 
 
 def headline(results: dict[str, Any], *, synthetic: bool) -> str:
@@ -118,23 +131,23 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   from oeem_jax import train
   from oeem_jax.data import glas
   from oeem_jax.data.pipeline import normalizer
-  from oeem_jax.stages import seg as seg_stage
+  from oeem_jax.models import make_segmenter, segmenter_apply_fn
+  from oeem_jax.stages import input_stats
 
   eval_cfg = config.eval
   for key in ("min_object_area", "max_hole_area"):
     if int(eval_cfg[key]) < 0:
       from oeem_jax.config_check import ConfigError
       raise ConfigError(f"eval.{key}", repr(eval_cfg[key]), "an area in pixels >= 0 (0 = off)")
-  seg_dir = Path(eval_cfg.seg_dir) if eval_cfg.seg_dir else stage_dir.parent / "seg"
+  seg_dir = artifacts.upstream_dir(stage_dir, "seg", eval_cfg.seg_dir)
   variables, step = train.load_variables(seg_dir, eval_cfg.checkpoint)
   digest = train.params_digest(variables["params"])  # equals the training summary's for "latest"
   logging.info("eval: restored %s checkpoint of step %d from %s (params_digest %s)",
                eval_cfg.checkpoint, step, seg_dir, digest[:16])
-  from oeem_jax.stages import input_stats, training_config
-  trained = training_config(seg_dir, config)
-  model = seg_stage.make_model(trained)
+  trained = artifacts.training_config(seg_dir, config)
+  model = make_segmenter(trained)
   normalize = normalizer("seg", input_stats(trained))
-  apply_fn = make_apply_fn(model, variables)
+  apply_fn = segmenter_apply_fn(model, variables)
 
   data = glas.load_splits(config.data)
   splits = [s.strip() for s in str(eval_cfg.splits).split(",") if s.strip()]
@@ -150,18 +163,11 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
       wanted.setdefault(ex.name, ex)
   preds = predict_split(apply_fn, list(wanted.values()), eval_cfg, stage_dir, normalize)
 
-  # Score each image once; a split's metrics pool its images' counts (test = test_a + test_b).
-  scores = {name: metrics.score_image(preds[name], ex.mask, name) for name, ex in wanted.items()}
-  results, rows = {}, {}
-  for s in splits:
-    r = metrics.pool_scores([scores[e.name] for e in data.splits[s]])
-    for row in r.pop("per_image"):
-      rows.setdefault(row["name"], {"split": s, **row})  # an image's first (narrowest) split
-    results[s] = r
-  io_utils.atomic_write_json(stage_dir / "metrics.json", {
+  results, rows = score_splits(preds, data.splits, splits)
+  io_utils.atomic_write_json(artifacts.eval_metrics_path(stage_dir), {
       "synthetic": data.synthetic, "source": data.source, "checkpoint_step": step,
       "checkpoint_dir": str(seg_dir), "splits": results})
-  metrics.write_per_image_csv(stage_dir / "per_image.csv", list(rows.values()),
+  metrics.write_per_image_csv(stage_dir / "per_image.csv", rows,
                               fields=("split",) + metrics.PER_IMAGE_FIELDS)
   table = headline(results, synthetic=data.synthetic)
   logging.info("eval results:\n%s", table)
@@ -170,6 +176,6 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
       "checkpoint_step": step,
       "checkpoint_params_digest": digest,
       "metrics": results,
-      "predictions_dir": str(stage_dir / "predictions"),
+      "predictions_dir": str(artifacts.predictions_dir(stage_dir)),
       "final_line": table,
   }

@@ -21,7 +21,7 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from oeem_jax import model_folder
+from oeem_jax import artifacts, model_folder
 
 
 def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
@@ -32,10 +32,10 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   """
   cfg = config.export
   mpp = float(cfg.pixel_size_um)  # range checked by config_check (-1, 0 or > 0)
-  seg_dir = Path(cfg.seg_dir).expanduser() if cfg.seg_dir else stage_dir.parent / "seg"
+  seg_dir = artifacts.upstream_dir(stage_dir, "seg", cfg.seg_dir)
   card, variables = model_folder.card_from_seg_stage(
       seg_dir, str(cfg.checkpoint), pixel_size_um=mpp, data_dir=str(cfg.data_dir))
-  out = Path(cfg.out).expanduser() if cfg.out else stage_dir / "model"
+  out = Path(cfg.out).expanduser() if cfg.out else artifacts.exported_model_dir(stage_dir)
   model_folder.check_compatible(model_folder.build_network(card), variables, str(seg_dir))
   model_folder.write_model_folder(out, card, variables)
   prov = card["provenance"]

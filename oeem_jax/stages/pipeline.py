@@ -38,7 +38,7 @@ def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections
 
 def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   """Runs the pipeline's stages in order; returns per-stage summaries and the final table."""
-  workdir = stage_dir.parent
+  workdir = stage_dir.parent  # stage_dir = artifacts.stage_dir(workdir, "pipeline")
   names = [s.strip() for s in str(config.pipeline.stages).split(",") if s.strip()]
   for name in names:
     if name not in stages.STAGES or name == "pipeline":

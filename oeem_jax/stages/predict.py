@@ -278,14 +278,14 @@ _APPLY_CACHE: dict[str, Any] = {}
 
 def _apply_fn(loaded):
   from oeem_jax import train
-  from oeem_jax.stages.eval import make_apply_fn
+  from oeem_jax.models import segmenter_apply_fn
 
   key = json.dumps([train.params_digest(loaded.variables["params"]),
                     train.params_digest(loaded.variables.get("batch_stats", {})),
                     loaded.card["network"]], sort_keys=True)
   if key not in _APPLY_CACHE:
     _APPLY_CACHE.clear()
-    _APPLY_CACHE[key] = make_apply_fn(loaded.model, loaded.variables)
+    _APPLY_CACHE[key] = segmenter_apply_fn(loaded.model, loaded.variables)
   return _APPLY_CACHE[key]
 
 

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from oeem_jax import inference, losses, metrics, train
+from oeem_jax import artifacts, inference, losses, metrics, train
 from oeem_jax.parallel import BatchedApply
 from oeem_jax.stages import imagenet_init_hook, input_stats
 from oeem_jax.stages._training import StageParts, colour_mask, panel, summary_line, train_stage
@@ -47,46 +47,11 @@ if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collect
 MASK_SOURCES = ("pseudo", "true")
 
 
-def make_model(config: ml_collections.ConfigDict):
-  """The stage's `PSPNet` from `config.model` / `config.seg` (defaults when `seg` is absent)."""
-  from oeem_jax.models import PSPNet
-  from oeem_jax.stages import bn_frozen
-  seg_cfg = config.get("seg", {})
-  return PSPNet(width=float(config.model.width), num_classes=int(seg_cfg.get("num_classes", 2)),
-                b7_dilation=int(seg_cfg.get("b7_dilation", 4)),
-                dtype=jnp.dtype(config.model.get("dtype", "float32")),
-                backbone_name=str(config.model.get("backbone", "resnet38")),
-                backbone_bn_frozen=bn_frozen(config, "seg"))
-
-
 def pseudo_dir(config: ml_collections.ConfigDict, stage_dir: Path) -> Path:
   """Folder of the pseudo-masks: `seg.pseudo_dir`, default WORKDIR/cam/pseudo_masks."""
-  return Path(config.seg.pseudo_dir).expanduser() if config.seg.pseudo_dir else \
-      Path(stage_dir).parent / "cam" / "pseudo_masks"
-
-
-def read_pseudo_mask(path: Path, shape: tuple[int, int]) -> np.ndarray:
-  """Reads a pseudo-mask PNG (palette or greyscale, values 0/1, 255 = ignore) -> uint8[H, W].
-
-  Raises:
-    FileNotFoundError: missing file (message says how to make it).
-    ValueError: wrong size, or values other than 0, 1, 255.
-  """
-  from PIL import Image
-  if not path.is_file():
-    raise FileNotFoundError(
-        f"pseudo-mask {path} not found: run stage cam first (configs/cam.py, same --workdir), set "
-        "config key seg.pseudo_dir to the folder of <name>.png masks, or use seg.mask_source='true'")
-  with Image.open(path) as im:
-    mask = np.asarray(im.convert("L") if im.mode not in ("P", "L") else im)
-  if mask.shape != tuple(shape):
-    raise ValueError(f"pseudo-mask {path} is {mask.shape[1]}x{mask.shape[0]} (WxH), the image is "
-                     f"{shape[1]}x{shape[0]}")
-  bad = (mask != 0) & (mask != 1) & (mask != 255)
-  if bad.any():
-    raise ValueError(f"pseudo-mask {path} holds values {[int(v) for v in np.unique(mask[bad])[:5]]}; expected "
-                     "0 (non-gland), 1 (gland) or 255 (ignore)")
-  return mask.astype(np.uint8)
+  if config.seg.pseudo_dir:
+    return Path(config.seg.pseudo_dir).expanduser()
+  return artifacts.pseudo_mask_dir(artifacts.upstream_dir(stage_dir, "cam"))
 
 
 def training_masks(config: ml_collections.ConfigDict, stage_dir: Path, examples: Sequence[Any]
@@ -94,14 +59,15 @@ def training_masks(config: ml_collections.ConfigDict, stage_dir: Path, examples:
   """uint8[H, W] class masks (0/1, 255 ignore) of `examples` from `seg.mask_source`.
 
   Raises:
-    ValueError: unknown `seg.mask_source`; see also `read_pseudo_mask`.
+    ValueError: unknown `seg.mask_source`; see also `artifacts.read_pseudo_mask`.
   """
   source = config.seg.mask_source
   if source == "true":
     return [(ex.mask > 0).astype(np.uint8) for ex in examples]
   if source == "pseudo":
     folder = pseudo_dir(config, stage_dir)
-    return [read_pseudo_mask(folder / f"{ex.name}.png", ex.image.shape[:2]) for ex in examples]
+    return [artifacts.read_pseudo_mask(artifacts.mask_file(folder, ex.name), ex.image.shape[:2])
+            for ex in examples]
   from oeem_jax.config_check import ConfigError
   raise ConfigError("seg.mask_source", repr(source), "one of " + ", ".join(MASK_SOURCES))
 
@@ -161,7 +127,7 @@ def backbone_init_dir(config: ml_collections.ConfigDict, stage_dir: Path) -> Pat
   value = str(config.seg.get("backbone_init", "") or "")
   if not value:
     return None
-  return Path(stage_dir).parent / "cls" if value == "cls" else Path(value).expanduser()
+  return artifacts.upstream_dir(stage_dir, "cls", "" if value == "cls" else value)
 
 
 def copy_backbone(variables: dict[str, Any], source: dict[str, Any], origin: str) -> dict[str, Any]:
@@ -291,7 +257,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
                "crop %d, loss %s", len(examples), config.seg.mask_source, len(data.splits["val"]),
                steps, batch, crop, config.seg.loss_kind)
 
-  model = make_model(config)
+  from oeem_jax.models import make_segmenter
+  model = make_segmenter(config)
   load = init_hook(config, stage_dir)  # pretrained-weights hook for train_loop
   stats = input_stats(config)
 

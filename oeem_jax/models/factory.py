@@ -1,0 +1,116 @@
+"""The networks of the two training stages built from a config, in one place.
+
+`make_classifier` (stage cls, and stage cam, which rebuilds the classifier it restores) and
+`make_segmenter` (stage seg, and eval / export / predict, which rebuild the segmenter) read the
+same keys: `model.width`, `model.dtype`, `model.backbone`, `model.bn` and the stage section
+(`cls.num_classes` / `cls.b7_dilation`, `seg.num_classes` / `seg.b7_dilation`). A later stage passes
+the config the training stage ran with (`artifacts.training_config`), so it gets exactly the
+network that was trained.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from oeem_jax.config_check import BN_MODES, ConfigError
+
+if TYPE_CHECKING:  # annotations only
+  import ml_collections
+  import numpy as np
+
+  from oeem_jax.models.classifier import CAMClassifier
+  from oeem_jax.models.pspnet import PSPNet
+
+# Defaults of the stage sections when a config lacks them (the original OEEM code's values).
+CLS_B7_DILATION = 2
+SEG_B7_DILATION = 4
+NUM_CLASSES = 2
+
+
+def bn_frozen(config: ml_collections.ConfigDict, stage: str) -> bool:
+  """Whether the backbone's BN stays on its running statistics (and gamma/beta are frozen).
+
+  `model.bn`: "auto" = frozen in the classifier when it starts from ImageNet weights (the reference),
+  trained otherwise and always in the segmenter; "frozen" / "train" = that, in both stages.
+
+  Args:
+    config: a stage config with a `model` section.
+    stage: "cls" or "seg".
+
+  Raises:
+    config_check.ConfigError (a ValueError): another value of `model.bn`.
+  """
+  mode = str(config.model.get("bn", "auto"))
+  if mode not in BN_MODES:
+    raise ConfigError("model.bn", repr(mode), "one of " + ", ".join(BN_MODES))
+  if mode == "auto":
+    return stage == "cls" and bool(config.model.get("init_checkpoint", ""))
+  return mode == "frozen"
+
+
+def _dtype(config: ml_collections.ConfigDict):
+  import jax.numpy as jnp
+  return jnp.dtype(config.model.get("dtype", "float32"))
+
+
+def make_classifier(config: ml_collections.ConfigDict, *, frozen_bn: bool | None = None
+                    ) -> CAMClassifier:
+  """The patch classifier (`CAMClassifier`) of `config.model` / `config.cls`.
+
+  Missing `cls` keys take the defaults (2 classes, B7 dilation 2).
+
+  Args:
+    config: a config with a `model` section (width, dtype, backbone, bn) and optionally `cls`.
+    frozen_bn: BN on running statistics; None = `bn_frozen(config, "cls")` (config key model.bn).
+
+  Raises:
+    config_check.ConfigError: a bad `model.bn`; a bad `model.dtype` raises TypeError (numpy).
+  """
+  from oeem_jax.models.classifier import CAMClassifier
+  frozen = bn_frozen(config, "cls") if frozen_bn is None else frozen_bn
+  cls_cfg = config.get("cls", {})
+  return CAMClassifier(width=float(config.model.width),
+                       num_classes=int(cls_cfg.get("num_classes", NUM_CLASSES)),
+                       b7_dilation=int(cls_cfg.get("b7_dilation", CLS_B7_DILATION)),
+                       bn_frozen=frozen, dtype=_dtype(config),
+                       backbone_name=str(config.model.get("backbone", "resnet38")))
+
+
+def make_segmenter(config: ml_collections.ConfigDict) -> PSPNet:
+  """The segmenter (`PSPNet`) of `config.model` / `config.seg`.
+
+  Missing `seg` keys take the defaults (2 classes, B7 dilation 4). The backbone's BN follows
+  `bn_frozen(config, "seg")`.
+
+  Raises:
+    config_check.ConfigError: a bad `model.bn`; a bad `model.dtype` raises TypeError (numpy).
+  """
+  from oeem_jax.models.pspnet import PSPNet
+  seg_cfg = config.get("seg", {})
+  return PSPNet(width=float(config.model.width),
+                num_classes=int(seg_cfg.get("num_classes", NUM_CLASSES)),
+                b7_dilation=int(seg_cfg.get("b7_dilation", SEG_B7_DILATION)),
+                dtype=_dtype(config), backbone_name=str(config.model.get("backbone", "resnet38")),
+                backbone_bn_frozen=bn_frozen(config, "seg"))
+
+
+def segmenter_apply_fn(model: Any, variables: dict[str, Any]
+                       ) -> Callable[[np.ndarray], np.ndarray]:
+  """A jitted eval-mode logits function of a segmenter: float32[B, h, w, 3] -> float32[B, h, w, C].
+
+  The variables ({"params", "batch_stats"}) are closed over as device arrays; jit caches one
+  executable per input shape, and `oeem_jax.inference` only ever feeds one shape. Input and output
+  are NumPy arrays.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+
+  variables = jax.device_put(variables)
+
+  @jax.jit
+  def apply(x):
+    logits, _ = model.apply(variables, x, train=False)
+    return logits.astype(jnp.float32)
+
+  return lambda x: np.asarray(apply(jnp.asarray(x)))
