@@ -1,5 +1,5 @@
 r"""Stage `cam`: CAMs of the trained classifier -> pseudo-masks of the training images
-(paper Eq. 1-2, §2.3; REFERENCE.md §3).
+(paper Eq. 1-2, §2.3; docs/reference.md §3).
 
     python -m oeem_jax.main --config=configs/cam.py --config.data.dir=../shared/data/glas --workdir=W
 

@@ -1,4 +1,4 @@
-r"""Stage `cls`: train the patch classifier (paper §2.3, REFERENCE.md §2).
+r"""Stage `cls`: train the patch classifier (paper §2.3, docs/reference.md §2).
 
     python -m oeem_jax.main --config=configs/cls.py --config.data.dir=../shared/data/glas --workdir=W
     python -m oeem_jax.main --config=configs/cls.py:cpu ...   # CPU-sized run, same recipe otherwise
@@ -6,7 +6,7 @@ r"""Stage `cls`: train the patch classifier (paper §2.3, REFERENCE.md §2).
 Default = the paper: ResNet-38d width 1, 224 input, batch 20, 20 epochs, SGD lr 0.01 with poly decay
 (power 0.9) to 0, momentum 0.9. The reference trains from ImageNet weights
 (`--config.model.init_checkpoint=/path/res38d.pth`, frozen BN and stem); without them the
-classifier trains from scratch with BN on. The reference's optimiser bug (REFERENCE.md §2) is not
+classifier trains from scratch with BN on. The reference's optimiser bug (docs/reference.md §2) is not
 reproduced. Weight decay: the paper gives none for this stage and the reference's effective value is
 0 (its decay argument lands in `momentum`), so 0 here.
 

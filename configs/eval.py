@@ -1,5 +1,5 @@
 r"""Stage `eval`: multi-scale sliding-window prediction of the test images and their metrics
-(paper §2.3 inference; REFERENCE.md §6).
+(paper §2.3 inference; docs/reference.md §6).
 
     python -m oeem_jax.main --config=configs/eval.py --config.data.dir=../shared/data/glas --workdir=W
 

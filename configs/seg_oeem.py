@@ -1,5 +1,5 @@
 r"""Stage `seg` with the OEEM loss on CAM pseudo-masks (the paper's method; paper §2.2-2.3,
-REFERENCE.md §4-5).
+docs/reference.md §4-5).
 
     python -m oeem_jax.main --config=configs/seg_oeem.py --config.data.dir=../shared/data/glas --workdir=W
     python -m oeem_jax.main --config=configs/seg_oeem.py:cpu ...   # CPU-sized run

@@ -49,7 +49,7 @@ def get_base_config(stage: str) -> ml_collections.ConfigDict:
   c.data.val_names = ""
   # Refuse a GlaS folder whose split counts differ from 85/60/20 unless this is True.
   c.data.allow_partial = False
-  # Patch labels (paper 3.1, REFERENCE.md 1): tile 112 at stride 56, class present above 5 %.
+  # Patch labels (paper 3.1, docs/reference.md §1): tile 112 at stride 56, class present above 5 %.
   c.data.tile_size = 112
   c.data.tile_stride = 56
   c.data.label_threshold = 0.05
@@ -132,7 +132,7 @@ def add_checkpoint_config(c: ml_collections.ConfigDict, *, every: int = 1000, ke
 
 
 def add_cls_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """Adds `cls` (classification stage; paper §2.3 / REFERENCE.md §2).
+  """Adds `cls` (classification stage; paper §2.3 / docs/reference.md §2).
 
   Keys: epochs (used when train.steps is 0: steps = epochs * floor(num_tiles / batch_size)),
   input_size (tiles are resized to this; 224 in the paper), num_classes, b7_dilation (2 in the
@@ -151,7 +151,7 @@ def add_cls_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 
 def add_seg_config(c: ml_collections.ConfigDict, *, loss_kind: str = "oeem",
                    mask_source: str = "pseudo") -> ml_collections.ConfigDict:
-  """Adds `seg` (segmentation stage; paper §2.2-2.3 / REFERENCE.md §4-5).
+  """Adds `seg` (segmentation stage; paper §2.2-2.3 / docs/reference.md §4-5).
 
   Keys: loss_kind (oeem_jax.losses kinds: "oeem", "ce", ...), loss_reference_compat (reproduce the
   reference's handling of ignored pixels), aux_weight (0.4), mask_source ("pseudo": pseudo-mask PNGs

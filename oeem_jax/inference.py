@@ -1,4 +1,4 @@
-"""Test-time inference: sliding window, multi-scale and flip averaging (REFERENCE.md §6).
+"""Test-time inference: sliding window, multi-scale and flip averaging (docs/reference.md §6).
 
 One *pass* tiles an image with windows of `window` pixels at `stride` (the reference's mmseg
 "slide" mode: 320 / 256), runs the network on every window, and averages the logits where windows
@@ -14,10 +14,10 @@ on the host in NumPy / `tf.image.resize` (eager TF kernels, nothing compiled per
 
 Differences from the reference, by design:
 * An image side shorter than the window is zero-padded (in normalised space, i.e. the mean colour,
-  as the training crops are padded, REFERENCE.md §4) up to the window; the reference runs the
+  as the training crops are padded, docs/reference.md §4) up to the window; the reference runs the
   smaller crop as is. A model with global context (pyramid pooling) sees the padding.
 * The resized image is rounded back to uint8 before normalising, as the reference's uint8 resize
-  does; interpolation is bilinear with half-pixel centres and no antialiasing (REFERENCE.md,
+  does; interpolation is bilinear with half-pixel centres and no antialiasing (docs/reference.md,
   porting notes) rather than OpenCV's fixed-point version.
 """
 
@@ -34,7 +34,7 @@ ApplyFn = Callable[[np.ndarray], "np.ndarray"]
 
 
 def window_starts(length: int, window: int = 320, stride: int = 256) -> list[int]:
-  """Start offsets of the sliding windows along one side (REFERENCE.md §6).
+  """Start offsets of the sliding windows along one side (docs/reference.md §6).
 
   Count = (length − window + stride − 1) // stride + 1; window k starts at min(k·stride,
   length − window), so the last window is flush with the border. A side no longer than the window
@@ -167,7 +167,7 @@ def _run_passes(apply_fn: ApplyFn, passes: Iterable[tuple[np.ndarray, Callable[[
 
 def sliding_window_logits(apply_fn: ApplyFn, image: np.ndarray, *, window: int = 320,
                           stride: int = 256, batch_size: int = 8) -> np.ndarray:
-  """Logits of one image by sliding-window inference (REFERENCE.md §6, one pass).
+  """Logits of one image by sliding-window inference (docs/reference.md §6, one pass).
 
   Args:
     apply_fn: maps float32[batch_size, window, window, 3] to float32[batch_size, window, window,
@@ -192,7 +192,7 @@ def predict_probs(apply_fn: ApplyFn, image: np.ndarray, *,
                   normalize: Callable[[np.ndarray], np.ndarray],
                   scales: Sequence[float] = INFERENCE_SCALES, flip: bool = True, window: int = 320,
                   stride: int = 256, batch_size: int = 8) -> np.ndarray:
-  """Class probabilities of one image: multi-scale × flip sliding-window inference (REFERENCE.md §6).
+  """Class probabilities of one image: multi-scale × flip sliding-window inference (docs/reference.md §6).
 
   For each scale s: resize the image to `scaled_size(H, W, s)` (bilinear, half-pixel, no
   antialias; rounded to uint8 as the reference), normalise, and for the unflipped and (if `flip`)
@@ -203,7 +203,7 @@ def predict_probs(apply_fn: ApplyFn, image: np.ndarray, *,
     apply_fn: as in `sliding_window_logits` (one compile for every image and scale).
     image: uint8[H, W, 3] RGB image.
     normalize: maps float32[h, w, 3] RGB in [0, 255] to the network's float32[h, w, 3] input
-      (e.g. ImageNet mean/std, REFERENCE.md §1).
+      (e.g. ImageNet mean/std, docs/reference.md §1).
     scales: resize ratios (the paper's eight by default); each > 0.
     flip: add horizontally flipped passes.
     window, stride, batch_size: as in `sliding_window_logits`.

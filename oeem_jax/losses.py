@@ -25,7 +25,7 @@ Ignored pixels, two conventions:
     per-image softmax / mean of Eq. 6-7 run over the image's valid pixels only, and D is the number
     of valid pixels in the batch. An image without a valid pixel contributes 0; a batch without one
     returns 0 (never NaN).
-  * `reference_compat=True` reproduces the reference code (REFERENCE.md §5, the mmseg 0.8.0
+  * `reference_compat=True` reproduces the reference code (docs/reference.md §5, the mmseg 0.8.0
     cross-entropy it lives in): L = 0 at ignored pixels but they stay in the per-image softmax/mean
     over all H*W pixels (so they get the largest weight, exp(0)), and D = N*H*W counts every pixel.
     With padding (labels 255) this shrinks the loss and shifts weight away from valid pixels.
@@ -243,7 +243,7 @@ def segmentation_loss(logits: jax.Array, labels: jax.Array, *, kind: str = "oeem
       raise ValueError; under jit they are treated as ignored.
     kind: "ce" | "oeem" | "c_max" | "c_diff" | "lc_mix" | "ohem" (see the module docstring).
     ignore_index: label value of pixels without supervision (padding), 255 by default.
-    reference_compat: reproduce the reference code's handling of ignored pixels (REFERENCE.md §5):
+    reference_compat: reproduce the reference code's handling of ignored pixels (docs/reference.md §5):
       they stay in the per-image weight normalisation and in the denominator N*H*W; for "ohem" the
       sampler pools the batch as mmseg does.
     single_class_ce: Eq. 8, W = 1 for images with at most one valid class (weighted kinds only).
@@ -291,7 +291,7 @@ def cross_entropy_map(logits: jax.Array, labels: jax.Array, *, ignore_index: int
 def bce_with_logits(logits: jax.Array, targets: jax.Array) -> jax.Array:
   """Multi-label binary cross-entropy on logits, mean over all N*C entries (PyTorch BCEWithLogitsLoss).
 
-  The classifier stage's loss (REFERENCE.md §2, "BCE-with-logits, mean over batch x 2").
+  The classifier stage's loss (docs/reference.md §2, "BCE-with-logits, mean over batch x 2").
 
   Args:
     logits: float[N, C], any float dtype (computed in float32).

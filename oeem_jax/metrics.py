@@ -1,6 +1,6 @@
 """Evaluation metrics for binary gland segmentation: pixel level and GlaS object level.
 
-Pixel level (REFERENCE.md §6, the reference's `count_miou.py` semantics): one confusion matrix
+Pixel level (docs/reference.md §6, the reference's `count_miou.py` semantics): one confusion matrix
 accumulated over the whole split (pixel counts summed over images, not per-image averages), from
 which IoU per class, mIoU (the paper's headline column), the gland-class Dice / F1, precision,
 recall and accuracy are derived, plus the reference's *derived* "Dice" = 2·mIoU / (1 + mIoU), the
@@ -63,7 +63,7 @@ _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 def confusion_matrix(pred: np.ndarray, gt: np.ndarray, num_classes: int = 2,
                      ignore_index: int = 255) -> np.ndarray:
-  """Pixel confusion matrix of one image (REFERENCE.md §6); sum the results over a split.
+  """Pixel confusion matrix of one image (docs/reference.md §6); sum the results over a split.
 
   Args:
     pred: int[H, W] predicted class ids in [0, num_classes).
@@ -99,7 +99,7 @@ def _ratio(num: float, den: float) -> float:
 
 
 def pixel_metrics(conf: np.ndarray) -> dict[str, Any]:
-  """Pixel metrics from a (split-wide) confusion matrix (REFERENCE.md §6).
+  """Pixel metrics from a (split-wide) confusion matrix (docs/reference.md §6).
 
   Args:
     conf: int[C, C] confusion matrix, rows = ground truth, columns = prediction (from
@@ -112,7 +112,7 @@ def pixel_metrics(conf: np.ndarray) -> dict[str, Any]:
       `dice`, `f1`: 2·TP / (2·TP + FP + FN) of the gland class. For the binary positive class the
         pixel F1 (harmonic mean of precision and recall) IS the pixel Dice; both keys are given
         because the paper has both columns. The paper's "F1" column is not produced by the
-        reference code (REFERENCE.md §6): for "ours w/o OEEM" (derived Dice 86.13, F1 82.36) it
+        reference code (docs/reference.md §6): for "ours w/o OEEM" (derived Dice 86.13, F1 82.36) it
         is not the derived Dice, for OEEM (87.36 / 87.35) it nearly equals it; it may be this
         pixel F1 but its definition is unknown;
       `precision`, `recall`: of the gland class; `accuracy`: trace / total;

@@ -1,4 +1,4 @@
-"""Multi-scale CAM -> label-masked argmax pseudo-masks for 112x112 tiles (REFERENCE.md §3, paper Eq. 1-2).
+"""Multi-scale CAM -> label-masked argmax pseudo-masks for 112x112 tiles (docs/reference.md §3, paper Eq. 1-2).
 
 Pure functions, independent of the model: the classifier enters as
 `cam_fn(x: float32[B, 224, 224, 3]) -> float32[B, h, w, C]`, the raw class activation maps (logits
@@ -14,7 +14,7 @@ Per tile (uint8[112, 112, 3]) and scale s in `scales` (default 1, 1.25, 1.5, 1.7
   6. resize the canvas back to 112 (bilinear, no antialiasing) and sum over the scales.
 Then every class absent from the tile's patch label is set to -inf and the argmax over classes gives
 the tile's pseudo-mask (class 0, non-gland, wins ties and is the answer for an all-zero label). The
-tile masks are merged into whole images by `oeem_jax.data.tiles.stitch_masks` (REFERENCE.md §3.7).
+tile masks are merged into whole images by `oeem_jax.data.tiles.stitch_masks` (docs/reference.md §3.7).
 
 Resizing choices. All resizes use `jax.image.resize` with `antialias=False` (half-pixel centres,
 taps outside the image dropped and the rest renormalised, like PIL and PyTorch at the borders).
@@ -101,7 +101,7 @@ def resize_image(x: jax.Array, size: int, method: str, *, emulate_pil: bool = Tr
 def multiscale_cam(tiles: jax.Array, cam_fn: CamFn, *, scales: Sequence[float] = DEFAULT_SCALES,
                    normalize: Callable[[jax.Array], jax.Array] | None = None,
                    emulate_pil: bool = True, cam_input: int = CAM_INPUT) -> jax.Array:
-  """Multi-scale CAM of 112 tiles summed over scales (REFERENCE.md §3 steps 1-5).
+  """Multi-scale CAM of 112 tiles summed over scales (docs/reference.md §3 steps 1-5).
 
   Args:
     tiles: uint8 (or float in 0..255) RGB [T, 112, 112, 3].
@@ -110,7 +110,7 @@ def multiscale_cam(tiles: jax.Array, cam_fn: CamFn, *, scales: Sequence[float] =
       sub-tiles over all scales), 27 T for the default scales.
     scales: canvas scales, each >= 1.
     normalize: maps 0..255 RGB float32 [..., 3] to the classifier's input; default
-      `oeem_jax.data.pipeline.normalize_cls` (GlaS statistics, REFERENCE.md §1).
+      `oeem_jax.data.pipeline.normalize_cls` (GlaS statistics, docs/reference.md §1).
     emulate_pil: PIL-like uint8 rounding in the image resizes (module docstring).
     cam_input: side the sub-tiles are resized to before `cam_fn` (224 in the reference; smaller
       values make CPU-sized runs cheaper).
@@ -161,7 +161,7 @@ def multiscale_cam(tiles: jax.Array, cam_fn: CamFn, *, scales: Sequence[float] =
 
 
 def label_masked_argmax(cam: jax.Array, labels: jax.Array) -> jax.Array:
-  """Pseudo-mask from summed CAMs and patch labels (REFERENCE.md §3 step 6, paper Eq. 2).
+  """Pseudo-mask from summed CAMs and patch labels (docs/reference.md §3 step 6, paper Eq. 2).
 
   Args:
     cam: float[T, H, W, C] scores.

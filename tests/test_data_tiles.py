@@ -79,7 +79,7 @@ def test_stitch_scores_averages_overlaps():
 
 
 def _reference_offsets(length: int) -> list[int]:
-  # REFERENCE.md §1 wording: 0, 56, ... up to L-112, plus L-112 when L % 56 != 0.
+  # docs/reference.md §1: 0, 56, ... up to L-112, plus L-112 when L % 56 != 0.
   offs = list(range(0, length - 112 + 1, 56))
   if length % 56 != 0:
     offs.append(length - 112)

@@ -1,4 +1,4 @@
-"""Tests for oeem_jax.losses against slow plain-NumPy loop references (paper Eq. 3-8, REFERENCE.md §5)."""
+"""Tests for oeem_jax.losses against slow plain-NumPy loop references (paper Eq. 3-8, docs/reference.md §5)."""
 
 from __future__ import annotations
 
@@ -191,7 +191,7 @@ def test_ohem_threshold_and_min_kept_by_hand():
 
 
 # ----------------------------------------------------------------------------------------------
-# Hand-worked values and the reference's ignore convention (REFERENCE.md §5).
+# Hand-worked values and the reference's ignore convention (docs/reference.md §5).
 # ----------------------------------------------------------------------------------------------
 def test_oeem_hand_worked_with_padding():
   # Pixels: label 0 with L = ln 2, label 1 with L = ln 2, padding (ignored).
@@ -209,7 +209,7 @@ def test_oeem_hand_worked_with_padding():
 
 
 def _reference_oeem_vectorised(logits, labels):
-  """A literal NumPy transcription of REFERENCE.md §5 (whole-array ops, float64)."""
+  """A literal NumPy transcription of docs/reference.md §5 (whole-array ops, float64)."""
   z = np.moveaxis(logits.astype(np.float64), -1, 1)                       # N, C, H, W
   z = z - z.max(1, keepdims=True)
   logp = z - np.log(np.exp(z).sum(1, keepdims=True))

@@ -1,4 +1,4 @@
-"""Tests for oeem_jax.pseudo_mask with analytic fake CAM functions and a slow NumPy reference (REFERENCE.md §3)."""
+"""Tests for oeem_jax.pseudo_mask with analytic fake CAM functions and a slow NumPy reference (docs/reference.md §3)."""
 
 from __future__ import annotations
 

@@ -107,7 +107,7 @@ def test_sgd_matches_pytorch_semantics_by_hand():
 
 
 def test_poly_schedule_with_floor_matches_mmseg_formula():
-  # REFERENCE.md §4: lr = (5e-3 - 1e-4) * (1 - it / 1e4) ** 0.9 + 1e-4.
+  # docs/reference.md §4: lr = (5e-3 - 1e-4) * (1 - it / 1e4) ** 0.9 + 1e-4.
   _, schedule = train.make_optimizer(5e-3, 10_000, end_lr=1e-4)
   for it in (0, 1, 2500, 9999, 10_000, 12_000):
     expected = (5e-3 - 1e-4) * (1 - min(it, 10_000) / 1e4) ** 0.9 + 1e-4

@@ -16,7 +16,7 @@ Examples are fed from host NumPy arrays by a Python generator (only the example 
 TF, nothing big is baked into the graph); augmentation runs in a parallel, order-preserving `map`;
 batches are `drop_remainder` and prefetched. Streams are infinite.
 
-Normalisation (REFERENCE.md §1 table):
+Normalisation (docs/reference.md §1):
 * classification: RGB scaled to [0, 1], then `(x - CLS_MEAN) / CLS_STD` with the reference's GlaS
   constants. Measured on the 85 GlaS train images (stage `prepare`, `rgb_stats["train+val"]`, 0..1 RGB,
   pixel-weighted): mean (0.7878, 0.5120, 0.7849), std (0.1677, 0.2484, 0.1323); the reference's values
@@ -229,7 +229,7 @@ def random_resized_crop_box(seeds: tf.Tensor, h: int, w: int, scale=(0.7, 1.0),
 
 def augment_tile(tile: tf.Tensor, seed: int, i, input_size: int = 224, scale=(0.7, 1.0),
                  ratio=(3.0 / 4.0, 4.0 / 3.0), stats: Stats | None = None) -> tf.Tensor:
-  """Classification augmentation of one tile (REFERENCE.md §2 "Training"), seeded by (seed, i).
+  """Classification augmentation of one tile (docs/reference.md §2 "Training"), seeded by (seed, i).
 
   RandomResizedCrop (scale, aspect `ratio`) resized bilinearly (half-pixel centres, no antialias) to
   `input_size`, horizontal flip p=0.5, vertical flip p=0.5, `normalize_cls`.
@@ -257,7 +257,7 @@ def cls_dataset(tiles: np.ndarray, labels: np.ndarray, *, input_size: int = 224,
                 scale: tuple[float, float] = (0.7, 1.0),
                 ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
                 stats: Stats | None = None) -> tf.data.Dataset:
-  """Infinite classification stream of augmented tiles (paper §3.1, REFERENCE.md §2).
+  """Infinite classification stream of augmented tiles (paper §3.1, docs/reference.md §2).
 
   Args:
     tiles: uint8[T, t, t, 3] training tiles (e.g. 112×112 from `tiles.extract_tiles`).
@@ -309,7 +309,7 @@ def cls_dataset(tiles: np.ndarray, labels: np.ndarray, *, input_size: int = 224,
 
 
 def photometric_distortion(x: tf.Tensor, seeds: tf.Tensor) -> tf.Tensor:
-  """mmseg PhotoMetricDistortion as in REFERENCE.md §4 on float RGB in 0..255, seeded statelessly.
+  """mmseg PhotoMetricDistortion as in docs/reference.md §4 on float RGB in 0..255, seeded statelessly.
 
   Each step with p = 0.5: brightness += U(-32, 32); contrast ×= U(0.5, 1.5), applied first or last
   (p = 0.5 each); saturation ×= U(0.5, 1.5) in HSV (clamped to [0, 1]); hue shifted by
@@ -353,7 +353,7 @@ def _scaled_window(length: tf.Tensor, r: tf.Tensor, crop: int) -> tuple[tf.Tenso
 def augment_seg(image: tf.Tensor, mask: tf.Tensor, seed: int, i, crop_size: int = 256,
                 scale_range: tuple[float, float] = (0.75, 3.0), photometric: bool = True,
                 stats: Stats | None = None) -> tuple[tf.Tensor, tf.Tensor]:
-  """Segmentation augmentation of one full image (REFERENCE.md §4 steps 1-6), seeded by (seed, i).
+  """Segmentation augmentation of one full image (docs/reference.md §4, augmentation), seeded by (seed, i).
 
   1.-2. random scale r ~ U(scale_range) and random crop_size crop, computed as "crop a window of
      round(crop/r) pixels per side of the original at a uniform integer offset, then resize it to
@@ -401,7 +401,7 @@ def seg_dataset(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], *, cr
                 scale_range: tuple[float, float] = (0.75, 3.0), global_batch_size: int, seed: int,
                 start_step: int = 0, process_index: int = 0, process_count: int = 1,
                 photometric: bool = True, stats: Stats | None = None) -> tf.data.Dataset:
-  """Infinite segmentation stream of augmented crops (REFERENCE.md §4 "Training pipeline").
+  """Infinite segmentation stream of augmented crops (docs/reference.md §4 "Training pipeline").
 
   Args:
     images: N arrays uint8[H_n, W_n, 3] (sizes may differ).

@@ -1,7 +1,7 @@
 """Tile grid, patch-level labels and stitching tiles back into whole images.
 
-Implements the reference's patch preparation (REFERENCE.md §1, paper §3.1) and the merge of tile
-masks into a full-image pseudo-mask (REFERENCE.md §3 step 7). All arrays are NumPy, NHWC, and the
+Implements the reference's patch preparation (docs/reference.md §1, paper §3.1) and the merge of tile
+masks into a full-image pseudo-mask (docs/reference.md §3 step 7). All arrays are NumPy, NHWC, and the
 tile grid is stored as an int array of top-left corners `(y, x)` in pixels.
 
 Grid: 112×112 tiles at stride 56 along each side; the offsets are 0, stride, 2·stride, … up to
@@ -90,7 +90,7 @@ def extract_tiles(array: np.ndarray, tile: int = TILE, stride: int = STRIDE,
 
 
 def patch_labels(mask_tiles: np.ndarray, threshold: float = 0.05) -> np.ndarray:
-  """Multi-hot patch labels [non-gland, gland] of mask tiles (REFERENCE.md §1, paper §3.1).
+  """Multi-hot patch labels [non-gland, gland] of mask tiles (docs/reference.md §1, paper §3.1).
 
   A class is present when it covers strictly more than `threshold` of the tile's pixels; any instance
   id > 0 counts as gland. With threshold < 0.5 at least one class is always present.
@@ -188,7 +188,7 @@ def stitch_scores(tile_scores: np.ndarray, boxes: np.ndarray, h: int, w: int) ->
 def stitch_masks(tile_masks: np.ndarray, boxes: np.ndarray, h: int, w: int) -> np.ndarray:
   """Full-image 0/1 mask from hard tile masks by majority vote, ties to non-gland (0).
 
-  This is REFERENCE.md §3 step 7: the mean of the overlapping 0/1 tile masks rounded half-to-even,
+  This is docs/reference.md §3 step 7: the mean of the overlapping 0/1 tile masks rounded half-to-even,
   i.e. a pixel is gland iff 2·votes > coverage.
 
   Args:

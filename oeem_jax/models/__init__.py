@@ -1,8 +1,8 @@
 """Networks of both OEEM stages (flax.linen, NHWC) and optimizer masks for frozen parameters.
 
-- `ResNet38`: the resnet38d backbone (REFERENCE.md §2).
-- `CAMClassifier`: patch classifier + class activation maps (paper Eq. 1-2, REFERENCE.md §2).
-- `PSPNet`: segmenter with pyramid pooling and auxiliary FCN head (REFERENCE.md §4).
+- `ResNet38`: the resnet38d backbone (docs/reference.md §2).
+- `CAMClassifier`: patch classifier + class activation maps (paper Eq. 1-2, docs/reference.md §2).
+- `PSPNet`: segmenter with pyramid pooling and auxiliary FCN head (docs/reference.md §4).
 - `EfficientNetLite`: EfficientNet-Lite0 at output stride 8, the second backbone (`model.backbone`,
   docs/backbones.md); `CAMClassifier` and `PSPNet` take either (`backbone_name`).
 - `import_torch.load_res38d`: ImageNet `res38d.pth` -> Flax variables (needs the `[torch]` extra);
@@ -77,7 +77,7 @@ def is_batch_norm_param(path: tuple[str, ...]) -> bool:
 
 def trainable_mask(params: Any, *, freeze_stem: bool, freeze_bn: bool = False,
                    only_under: str | None = None) -> Any:
-  """Which parameters the optimizer may change (REFERENCE.md §2 "Training").
+  """Which parameters the optimizer may change (docs/reference.md §2 "Training").
 
   The reference classifier, starting from ImageNet weights, freezes `conv1a` and every BN's gamma/beta
   (with `bn_frozen=True` on the model for the running statistics). The segmenter freezes nothing.

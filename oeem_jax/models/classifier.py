@@ -1,4 +1,4 @@
-"""Patch classifier with class activation maps (paper Eq. 1-2, REFERENCE.md §2 "Feature fusion"/"Head").
+"""Patch classifier with class activation maps (paper Eq. 1-2, docs/reference.md §2 "Feature fusion"/"Head").
 
 Three stride-8 ResNet38 features (ReLU(BN) at the entry of B5 and of B6, and ReLU(bn7(B7))) are
 concatenated (512 + 1024 + 4096 = 5632 channels at width 1), globally average pooled and mapped by one
@@ -125,7 +125,7 @@ class CAMClassifier(nn.Module):
     return self.fc(pooled)
 
   def cam(self, x: jax.Array) -> jax.Array:
-    """Class activation maps in eval mode (paper Eq. 2, REFERENCE.md §3 step 2).
+    """Class activation maps in eval mode (paper Eq. 2, docs/reference.md §3 step 2).
 
     Args:
       x: float32[N, H, W, 3] normalised tiles.

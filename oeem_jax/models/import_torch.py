@@ -1,6 +1,6 @@
 """Import the reference's ImageNet ResNet-38d weights (`res38d.pth`) into Flax variables.
 
-The reference (REFERENCE.md §2 "Initialisation", §4 "Backbone") starts both stages from
+The reference (docs/reference.md §2 "Initialisation", §4 "Backbone") starts both stages from
 `res38d.pth`, a PyTorch state dict converted by SEAM from MXNet `ilsvrc-cls_rna-a1_cls1000_ep-0001.params`,
 loaded non-strictly (head layers keep their random init). Its keys follow the resnet38d naming that
 `oeem_jax.models.resnet38` mirrors, e.g.

@@ -1,4 +1,4 @@
-"""PSPNet on ResNet-38d for the segmentation stage (paper §2.3, REFERENCE.md §4), NHWC.
+"""PSPNet on ResNet-38d for the segmentation stage (paper §2.3, docs/reference.md §4), NHWC.
 
 - Backbone: `ResNet38` with B7 dilation 4, BN trained (batch statistics, momentum 0.1, eps 1e-5).
 - Decode head (PSPHead): adaptive average pooling of the 4096-channel map to bins 1, 2, 3, 6 with
@@ -131,7 +131,7 @@ class FCNHead(nn.Module):
 
 
 class PSPNet(nn.Module):
-  """Backbone + PSPHead + auxiliary FCNHead (REFERENCE.md §4).
+  """Backbone + PSPHead + auxiliary FCNHead (docs/reference.md §4).
 
   Attributes:
     width: channel multiplier for the ResNet38 backbone and for both heads (1.0 = paper: heads

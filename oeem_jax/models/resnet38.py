@@ -1,6 +1,6 @@
 """ResNet-38d ("resnet38d" of Wu et al. 2019, as used by SEAM and OEEM), NHWC, flax.linen.
 
-Implements REFERENCE.md §2 (the backbone of both stages):
+Implements docs/reference.md §2 (the backbone of both stages):
 
 - `conv1a`: 3x3 conv 3->64, stride 1, no BN/ReLU after it.
 - Pre-activation basic blocks (`BasicBlock`) B2 (3 blocks, 64->128, first stride 2), B3 (3, ->256,
@@ -202,7 +202,7 @@ def dropout2d(rate: float, *, deterministic: bool) -> nn.Dropout:
 
 
 class BasicBlock(nn.Module):
-  """Pre-activation basic block (REFERENCE.md §2 "Basic block (in, mid, out, s, d1, d)").
+  """Pre-activation basic block (docs/reference.md §2 "Basic block (in, mid, out, s, d1, d)").
 
   a = ReLU(BN(x)); shortcut = x if in == out and stride 1 else 1x1 stride-s conv of a;
   main = conv3x3(mid, stride s, dilation d1) -> BN -> ReLU -> conv3x3(out, dilation d); y = shortcut + main.
@@ -233,7 +233,7 @@ class BasicBlock(nn.Module):
 
 
 class BottleneckBlock(nn.Module):
-  """Pre-activation bottleneck (REFERENCE.md §2 "Bottleneck block (in, out, d, p)").
+  """Pre-activation bottleneck (docs/reference.md §2 "Bottleneck block (in, out, d, p)").
 
   a = ReLU(BN(x)); shortcut = conv1x1(out)(a); main = conv1x1(out/4) -> BN -> ReLU -> Dropout2d(p)
   -> conv3x3(out/2, dilation d) -> BN -> ReLU -> Dropout2d(p) -> conv1x1(out); y = shortcut + main.
@@ -266,7 +266,7 @@ class BottleneckBlock(nn.Module):
 
 
 class ResNet38(nn.Module):
-  """ResNet-38d backbone (REFERENCE.md §2), output stride 8.
+  """ResNet-38d backbone (docs/reference.md §2), output stride 8.
 
   Attributes:
     width: channel multiplier (1.0 = the paper's network); see `scaled_channels`.

@@ -3,7 +3,7 @@
 Restores the classifier checkpoint (orbax; `cam.checkpoint`, default the best by validation CAM
 mIoU) from `cam.cls_dir` (default WORKDIR/cls). For every image of `cam.splits` (default all 85
 training images: train + val) it cuts the 112/56 tile grid, computes each tile's multi-scale CAM
-(`cam.scales`, default 1, 1.25, 1.5, 1.75, 2; REFERENCE.md §3), suppresses the classes absent from
+(`cam.scales`, default 1, 1.25, 1.5, 1.75, 2; docs/reference.md §3), suppresses the classes absent from
 the tile's patch label, takes the argmax and stitches the tiles back (ties to non-gland). Outputs,
 in WORKDIR/cam/:
 

@@ -1,4 +1,4 @@
-"""Stage `cls`: train the patch classifier (paper §2.1 and §2.3, REFERENCE.md §2).
+"""Stage `cls`: train the patch classifier (paper §2.1 and §2.3, docs/reference.md §2).
 
     python -m oeem_jax.main --config=configs/cls.py[:cpu] --config.data.dir=../shared/data/glas --workdir=W
 
@@ -51,7 +51,7 @@ def uses_pretrained(config: ml_collections.ConfigDict) -> bool:
 
 
 def build_tiles(examples: Sequence[Any], data_cfg) -> tuple[np.ndarray, np.ndarray]:
-  """Tiles and patch labels of `examples` (REFERENCE.md §1).
+  """Tiles and patch labels of `examples` (docs/reference.md §1).
 
   Args:
     examples: `oeem_jax.data.glas.Example`s (image uint8[H, W, 3], mask uint8[H, W] instance ids).
@@ -161,7 +161,7 @@ def make_loss_fn(model):
   """(params, batch_stats, batch, rng) -> (loss, (batch_stats, metrics)) for `train.train_loop`.
 
   batch: {"image": float32[B, S, S, 3] normalised tiles, "label": float32[B, 2] multi-hot}. Loss:
-  `losses.bce_with_logits` (mean over B x 2, REFERENCE.md §2). With a BN-frozen model the running
+  `losses.bce_with_logits` (mean over B x 2, docs/reference.md §2). With a BN-frozen model the running
   statistics come back unchanged.
   """
   def loss_fn(params, batch_stats, batch, rng):

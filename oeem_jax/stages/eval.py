@@ -2,7 +2,7 @@
 
 Restores the segmenter checkpoint (orbax; `eval.checkpoint`, default the final one, "latest")
 from `eval.seg_dir` (default WORKDIR/seg), predicts every image of `eval.splits` with multi-scale ×
-flip sliding-window inference (REFERENCE.md §6, `oeem_jax.inference.predict_probs`) and writes, in
+flip sliding-window inference (docs/reference.md §6, `oeem_jax.inference.predict_probs`) and writes, in
 WORKDIR/eval/:
 
 * `predictions/<name>.png`: the predicted gland mask, 0 = non-gland, 255 = gland (argmax of the

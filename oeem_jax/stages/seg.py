@@ -1,5 +1,5 @@
 """Stage `seg`: train the PSPNet segmenter on pseudo-masks (OEEM) or true masks (paper §2.2-2.3,
-REFERENCE.md §4-5).
+docs/reference.md §4-5).
 
     python -m oeem_jax.main --config=configs/seg_oeem.py[:cpu] --config.data.dir=../shared/data/glas --workdir=W
     (configs/seg_ce.py: plain cross-entropy baseline; configs/seg_full.py: true masks, fully supervised)
@@ -166,7 +166,7 @@ def copy_backbone(variables: dict[str, Any], source: dict[str, Any], origin: str
 def init_hook(config: ml_collections.ConfigDict, stage_dir: Path):
   """The `train_loop(pretrained=...)` hook of the segmenter, or None.
 
-  * `model.init_checkpoint`: the ImageNet ResNet-38d backbone (the reference, REFERENCE.md §4);
+  * `model.init_checkpoint`: the ImageNet ResNet-38d backbone (the reference, docs/reference.md §4);
   * `seg.backbone_init`: the backbone (parameters and BN statistics) of our own stage-`cls`
     classifier, best checkpoint ("cls" = WORKDIR/cls). It saw only patch labels, so the method stays
     weakly supervised; this is the `:cpu` default, where no ImageNet weights are used and a
