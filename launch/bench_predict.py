@@ -46,15 +46,11 @@ def make_tiff(path: Path, side: int, tile: int = 512) -> None:
 
 
 def tiny_model(out: Path) -> Path:
-  sys.path.insert(0, str(REPO / "tests"))
-  import test_predict as tp  # the tests' random-weight tiny PSPNet and its card
-
   from oeem_jax import model_folder
-  model = model_folder.build_network({"network": tp.NETWORK})
-  variables = tp.random_variables(model)
-  card = tp.tiny_card(variables)
-  card["inference"]["flip"] = False
-  return model_folder.write_model_folder(out, card, variables)
+  model = model_folder.build_network({"network": model_folder.TINY_NETWORK})
+  variables = model_folder.random_variables(model)
+  return model_folder.write_model_folder(out, model_folder.random_model_card(variables, flip=False),
+                                         variables)
 
 
 def child(args) -> None:

@@ -356,3 +356,67 @@ def load_model(spec: str, checkpoint: str = "latest") -> LoadedModel:
   check_compatible(model, variables, str(path))
   return LoadedModel(card=card, variables=variables, model=model, normalize=_normalizer(card),
                      source=str(path))
+
+
+# ---------------------------------------------------------------------------------------------------
+# A model folder with random weights: what the tests and launch/bench_predict.py run predict with
+# when the plumbing (region reads, masks, polygons, CSV, overlays) is what they check.
+
+TINY_NETWORK = {"model": {"backbone": "resnet38", "width": 0.0625, "init_checkpoint": "", "bn": "auto",
+                          "dtype": "float32"}, "seg": {"num_classes": 2, "b7_dilation": 4}}
+TINY_WINDOW, TINY_STRIDE, TINY_BATCH = 48, 32, 4
+
+
+def random_variables(model, seed: int = 0, window: int = TINY_WINDOW) -> dict[str, Any]:
+  """Random variables of a segmenter: fan-in scaled normal kernels made zero-mean over their inputs
+  (so the ReLU features' common offset cancels and the output follows the image), zero biases,
+  identity BN. Only `jax.eval_shape` of the init runs (no compile).
+
+  Args:
+    model: a network from `build_network`.
+    seed: NumPy seed of the kernels.
+    window: input side used to trace the init.
+
+  Returns:
+    {"params": ..., "batch_stats": ...} of float32 NumPy arrays.
+  """
+  import jax
+  import jax.numpy as jnp
+
+  abstract = jax.eval_shape(
+      lambda r: model.init({"params": r, "dropout": r}, jnp.zeros((1, window, window, 3)), train=False),
+      jax.random.PRNGKey(0))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['kernel']"):
+      k = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
+      return (k - k.mean(axis=tuple(range(k.ndim - 1)), keepdims=True)).astype(np.float32)
+    if name.endswith("['scale']") or name.endswith("['var']"):
+      return np.ones(leaf.shape, np.float32)
+    return np.zeros(leaf.shape, np.float32)
+
+  return jax.tree_util.tree_map_with_path(
+      fill, {"params": abstract["params"], "batch_stats": abstract["batch_stats"]})
+
+
+def random_model_card(variables: dict[str, Any], *, pixel_size_um: float = 0.62,
+                      reference: dict[str, Any] | None = None, flip: bool = True) -> dict[str, Any]:
+  """The model card (model.json) of `TINY_NETWORK` with `variables`: one scale, window 48 / stride
+  32, no post-processing, provenance labelled SYNTHETIC (random weights)."""
+  from oeem_jax.checkpoint import params_digest
+  from oeem_jax.data.pipeline import SEG_MEAN, SEG_STD
+
+  return {
+      "format": FORMAT, "network": TINY_NETWORK,
+      "input": {"channels": "RGB", "range": "0..255", "mean": SEG_MEAN.tolist(),
+                "std": SEG_STD.tolist(), "stats": None},
+      "classes": list(CLASS_NAMES), "pixel_size_um": pixel_size_um,
+      "inference": {"scales": [1.0], "flip": flip, "window": TINY_WINDOW, "stride": TINY_STRIDE,
+                    "batch_size": TINY_BATCH, "min_object_area": 0, "max_hole_area": 0, "source": "test"},
+      "stain_reference": reference,
+      "provenance": {"params_digest": params_digest(variables["params"]), "step": 0,
+                     "synthetic": True, "data_label": "SYNTHETIC (random test weights)"},
+  }
+

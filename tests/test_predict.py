@@ -30,9 +30,8 @@ from oeem_jax.data import synthetic
 from oeem_jax.data.pipeline import SEG_MEAN, SEG_STD, normalizer
 from oeem_jax.stages import predict as predict_stage
 
-WINDOW, STRIDE, BATCH = 48, 32, 4
-NETWORK = {"model": {"backbone": "resnet38", "width": 0.0625, "init_checkpoint": "", "bn": "auto",
-                     "dtype": "float32"}, "seg": {"num_classes": 2, "b7_dilation": 4}}
+WINDOW, STRIDE, BATCH = model_folder.TINY_WINDOW, model_folder.TINY_STRIDE, model_folder.TINY_BATCH
+NETWORK = model_folder.TINY_NETWORK
 NORMALIZE = normalizer("seg", None)
 
 
@@ -40,40 +39,11 @@ def draw(h: int, w: int, seed: int = 0) -> np.ndarray:
   return synthetic.draw_example(np.random.default_rng(seed), bool(seed % 2), h, w)[0]
 
 
-def random_variables(model, seed: int = 0) -> dict:
-  """Variables of `model` with fan-in scaled normal kernels made zero-mean over their inputs (so the
-  ReLU features' common offset cancels and the output follows the image), zero biases, identity BN
-  (no init compile: eval_shape only)."""
-  abstract = jax.eval_shape(
-      lambda r: model.init({"params": r, "dropout": r}, jnp.zeros((1, WINDOW, WINDOW, 3)), train=False),
-      jax.random.PRNGKey(0))
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = jax.tree_util.keystr(path)
-    if name.endswith("['kernel']"):
-      k = rng.normal(size=leaf.shape) / np.sqrt(np.prod(leaf.shape[:-1]))
-      return (k - k.mean(axis=tuple(range(k.ndim - 1)), keepdims=True)).astype(np.float32)
-    if name.endswith("['scale']") or name.endswith("['var']"):
-      return np.ones(leaf.shape, np.float32)
-    return np.zeros(leaf.shape, np.float32)
-
-  return jax.tree_util.tree_map_with_path(
-      fill, {"params": abstract["params"], "batch_stats": abstract["batch_stats"]})
+random_variables = model_folder.random_variables
 
 
 def tiny_card(variables, *, pixel_size_um=0.62, reference=None) -> dict:
-  return {
-      "format": model_folder.FORMAT, "network": NETWORK,
-      "input": {"channels": "RGB", "range": "0..255", "mean": SEG_MEAN.tolist(),
-                "std": SEG_STD.tolist(), "stats": None},
-      "classes": list(model_folder.CLASS_NAMES), "pixel_size_um": pixel_size_um,
-      "inference": {"scales": [1.0], "flip": True, "window": WINDOW, "stride": STRIDE,
-                    "batch_size": BATCH, "min_object_area": 0, "max_hole_area": 0, "source": "test"},
-      "stain_reference": reference,
-      "provenance": {"params_digest": train.params_digest(variables["params"]), "step": 0,
-                     "synthetic": True, "data_label": "SYNTHETIC (random test weights)"},
-  }
+  return model_folder.random_model_card(variables, pixel_size_um=pixel_size_um, reference=reference)
 
 
 @pytest.fixture(scope="module")
