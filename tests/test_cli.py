@@ -119,7 +119,8 @@ def test_quiet_log_one_banner_and_where_to_go_next(tmp_path, data_cache, synthet
   for noise in ("dataset_info.py", "reader.py", "logging_logger.py", "xla_bridge.py", "oneDNN"):
     assert noise not in err, noise
   log_lines = [line for line in err.splitlines() if line[:1] in "IWEF" and "]" in line]
-  assert all(any(f" {m}.py:" in line for m in ("__init__", "glas", "prepare", "main", "train"))
+  assert all(any(f" {m}.py:" in line for m in ("__init__", "glas", "loader", "source", "splits",
+                                               "prepare", "main", "train"))
              for line in log_lines), log_lines
   last = proc.stdout.strip().splitlines()[-2:]
   assert last == [f"results: {tmp_path / 'prepare'}/ (summary.json)",
