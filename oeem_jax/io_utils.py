@@ -127,7 +127,8 @@ def atomic_write_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> 
 class atomic_path:
   """Context manager for writers that want a file name (e.g. tifffile): yields a temp path in the
   folder of `path`; on a clean exit the temp file is fsynced and renamed to `path`, on an exception
-  it is deleted (a crash leaves the old file or the new one, never half of one).
+  it is deleted (a crash leaves the old file or the new one, never half of one). The file gets
+  0o666 minus the umask, as `atomic_write_bytes`.
 
       with atomic_path("out/mask.tif") as tmp:
         tifffile.imwrite(tmp, mask)
@@ -147,6 +148,7 @@ class atomic_path:
     try:
       if exc_type is None:
         with open(self.tmp, "rb+") as f:
+          os.fchmod(f.fileno(), 0o666 & ~current_umask())  # as atomic_write_bytes: not mkstemp's 0600
           os.fsync(f.fileno())
         os.replace(self.tmp, self.path)
     finally:

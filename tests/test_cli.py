@@ -190,6 +190,9 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask, mask, mode):
   import numpy as np
   png = io_utils.atomic_write_png(tmp_path / "p.png", np.zeros((2, 3), np.uint8))
   assert (png.stat().st_mode & 0o777) == mode
+  with io_utils.atomic_path(tmp_path / "m.tif") as tmp:  # writers that want a file name (tifffile)
+    tmp.write_bytes(b"tiff")
+  assert ((tmp_path / "m.tif").stat().st_mode & 0o777) == mode
 
 
 def test_stage_outputs_are_0644_under_umask_022(tmp_path, umask, data_cache, synthetic_splits):
