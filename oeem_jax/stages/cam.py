@@ -29,6 +29,23 @@ from oeem_jax import artifacts, metrics, pseudo_mask
 from oeem_jax.data import tiles as tiles_lib
 
 
+def _select_examples(data, splits: str) -> tuple[list[str], list]:
+  """(split names, their examples in order) of `cam.splits` (comma-separated).
+
+  Raises:
+    config_check.ConfigError: a name that is not a split of `data`.
+  """
+  names = [s.strip() for s in splits.split(",") if s.strip()]
+  examples = []
+  for s in names:
+    if s not in data.splits:
+      from oeem_jax.config_check import ConfigError
+      raise ConfigError("cam.splits", repr(splits), "comma-separated names from " +
+                        ", ".join(sorted(data.splits)))
+    examples.extend(data.splits[s])
+  return names, examples
+
+
 def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   """Runs the cam stage (module docstring); returns the summary fields.
 
@@ -59,14 +76,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
     return model.apply(params, x, method=CAMClassifier.cam)
 
   data = glas.load_splits(data_cfg)
-  names = [s.strip() for s in str(cam_cfg.splits).split(",") if s.strip()]
-  examples = []
-  for s in names:
-    if s not in data.splits:
-      from oeem_jax.config_check import ConfigError
-      raise ConfigError("cam.splits", repr(cam_cfg.splits), "comma-separated names from " +
-                        ", ".join(sorted(data.splits)))
-    examples.extend(data.splits[s])
+  names, examples = _select_examples(data, str(cam_cfg.splits))
 
   tile, stride = int(data_cfg.tile_size), int(data_cfg.tile_stride)
   scales = tuple(float(s) for s in cam_cfg.scales)

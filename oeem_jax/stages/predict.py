@@ -304,6 +304,27 @@ def _done_record(path: Path, identity: str) -> dict[str, Any] | None:
   return rec
 
 
+def _summary_lines(records: list[dict], failed: list[dict], num_files: int, skipped: int,
+                   prov: dict, stage_dir: Path) -> list[str]:
+  """The table printed at the end: one row per image (20 at most), the failures, the totals."""
+  lines = [f"{'image':24s} {'W x H':>13s} {'glands':>7s} {'area %':>7s}  note"]
+  for r in records[:20]:
+    note = "; ".join(x for x in (r["stain"]["message"] if r["stain"]["flagged"] else "",
+                                 "no rescaling" if not r["rescaled"] else f"rescaled x{r['rescale']:.3g}",
+                                 "skipped (done)" if r.get("skipped") else "") if x)
+    lines.append(f"{r['name'][:24]:24s} {str(r['width']) + 'x' + str(r['height']):>13s} "
+                 f"{r['num_glands']:7d} {100 * r['gland_area_fraction']:7.2f}  {note}")
+  if len(records) > 20:
+    lines.append(f"... and {len(records) - 20} more (summary.json)")
+  for f in failed:
+    lines.append(f"FAILED {f['name']}: {f['error']}")
+  if prov.get("synthetic"):
+    lines.insert(0, f"MODEL TRAINED ON {prov.get('data_label')}")
+  lines.append(f"predict: {len(records)} of {num_files} image(s) done ({skipped} skipped as done "
+               f"before), {len(failed)} failed; outputs in {stage_dir}")
+  return lines
+
+
 def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   """Runs the predict stage (module docstring); returns the summary fields.
 
@@ -358,23 +379,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
                  100 * rec["gland_area_fraction"], rec["seconds"],
                  " (COLOUR WARNING)" if rec["stain"]["flagged"] else "", todo,
                  regions.format_eta(elapsed / (k + 1 - skipped) * todo) if k + 1 > skipped else "?")
-  lines = [f"{'image':24s} {'W x H':>13s} {'glands':>7s} {'area %':>7s}  note"]
-  for r in records[:20]:
-    note = "; ".join(x for x in (r["stain"]["message"] if r["stain"]["flagged"] else "",
-                                 "no rescaling" if not r["rescaled"] else f"rescaled x{r['rescale']:.3g}",
-                                 "skipped (done)" if r.get("skipped") else "") if x)
-    lines.append(f"{r['name'][:24]:24s} {str(r['width']) + 'x' + str(r['height']):>13s} "
-                 f"{r['num_glands']:7d} {100 * r['gland_area_fraction']:7.2f}  {note}")
-  if len(records) > 20:
-    lines.append(f"... and {len(records) - 20} more (summary.json)")
-  for f in failed:
-    lines.append(f"FAILED {f['name']}: {f['error']}")
-  if prov.get("synthetic"):
-    lines.insert(0, f"MODEL TRAINED ON {prov.get('data_label')}")
-  lines.append(f"predict: {len(records)} of {len(files)} image(s) done ({skipped} skipped as done "
-               f"before), {len(failed)} failed; outputs in {stage_dir}")
-  for f in failed:
-    logging.error("failed: %s", f["error"])
+  lines = _summary_lines(records, failed, len(files), skipped, prov, stage_dir)
   return {
       "model": {"source": loaded.source, "provenance": prov,
                 "pixel_size_um": loaded.card.get("pixel_size_um")},
