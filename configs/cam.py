@@ -4,7 +4,7 @@ r"""Stage `cam`: CAMs of the trained classifier -> pseudo-masks of the training 
     python -m oeem_jax.main --config=configs/cam.py --config.data.dir=../shared/data/glas --workdir=W
 
 Reads the classifier from W/cls (best checkpoint by validation CAM mIoU; the network is rebuilt from
-W/cls/summary.json), writes W/cam/pseudo_masks/<name>.png (0/1) and previews (0/255), and reports
+W/cls/network.json), writes W/cam/pseudo_masks/<name>.png (0/1) and previews (0/255), and reports
 the CAM and pseudo-mask mIoU on the training images (paper Table 2).
 
 Arg `cpu` (EfficientNet-Lite0 classifier): scale 1 only; `cpu_scratch` (ResNet38 w0.125): scales 1
@@ -35,24 +35,16 @@ def add_cam_config(c):
 
 
 def get_config(arg: str | None = None):
+  # No model section: the network is rebuilt from the classifier folder's network.json.
   c = config_base.get_base_config("cam")
-  # Fallbacks only: the network is rebuilt from the classifier run's own summary.json when present.
-  config_base.add_model_config(c, width=1.0)
-  config_base.add_cls_config(c)
   add_cam_config(c)
-  if arg in ("cpu", "cpu_scratch"):
-    c.model.width = 0.125
-    c.cls.input_size = 112
+  if arg == "cpu":
+    # The :cpu classifier (EfficientNet-Lite0, ImageNet weights): single scale (docs/results.md).
+    c.cam.scales = (1.0,)
+  elif arg in ("cpu_scratch", "demo"):
     # 1 + 4 sub-tiles per tile instead of 27 (docs: CPU run times).
     c.cam.scales = (1.0, 1.5)
-  if arg == "cpu":
-    config_base.use_pretrained_efficientnet(c)
-    c.cam.scales = (1.0,)
-  elif arg == "demo":
-    c.model.width = 0.125
-    c.cls.input_size = 112
-    c.cam.scales = (1.0, 1.5)
-  elif arg not in (None, "", "cpu", "cpu_scratch"):
+  elif arg:
     raise ValueError(f"configs/cam.py: unknown argument {arg!r}; expected nothing, 'cpu', "
                      "'cpu_scratch' or 'demo'")
   return c

@@ -4,7 +4,7 @@ r"""Stage `eval`: multi-scale sliding-window prediction of the test images and t
     python -m oeem_jax.main --config=configs/eval.py --config.data.dir=../shared/data/glas --workdir=W
 
 Reads the segmenter from W/seg (its final checkpoint; `--config.eval.checkpoint=best` for the best
-by validation mIoU; the network is rebuilt from W/seg/summary.json; `--config.eval.seg_dir=OTHER/seg`
+by validation mIoU; the network is rebuilt from W/seg/network.json; `--config.eval.seg_dir=OTHER/seg`
 to score another run), writes W/eval/predictions/<name>.png (0/255), overlays/, metrics.json and
 per_image.csv.
 
@@ -49,23 +49,17 @@ def add_eval_config(c):
 
 
 def get_config(arg: str | None = None):
+  # No model section: the network is rebuilt from the segmenter folder's network.json.
   c = config_base.get_base_config("eval")
-  # Fallbacks only: the network is rebuilt from the segmenter run's own summary.json when present.
-  config_base.add_model_config(c, width=1.0)
-  config_base.add_seg_config(c)
   add_eval_config(c)
   if arg in ("cpu", "cpu_scratch"):
-    c.model.width = 0.125
     c.eval.scales = (0.75, 1.0, 1.25)
     c.eval.window = 224
     c.eval.stride = 192
     # < 1 % of the 769 annotated training glands are smaller than 500 px (1st percentile 576 px).
     c.eval.min_object_area = 500
     c.eval.max_hole_area = 500
-    if arg == "cpu":
-      config_base.use_pretrained_efficientnet(c)
   elif arg == "demo":
-    c.model.width = 0.125
     c.eval.scales = (1.0,)
     c.eval.flip = False
     c.eval.window = 112

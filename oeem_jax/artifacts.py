@@ -5,13 +5,14 @@ A workdir holds one folder per stage, `WORKDIR/<stage>/` (`stage_dir`), each wit
 config the stage ran with). The hand-offs between stages:
 
 * cls -> cam, seg: the classifier checkpoints in `WORKDIR/cls` (`oeem_jax.train.load_variables`);
-  the network is rebuilt from the config in `WORKDIR/cls/summary.json` (`training_config`).
+  the network is rebuilt from `WORKDIR/cls/network.json` (`write_network_card`,
+  `read_network_card`: the constructor arguments, written when training starts).
 * cam -> seg: pseudo-masks `WORKDIR/cam/pseudo_masks/<name>.png`, palette PNGs of the image's size
   with 0 = non-gland, 1 = gland, 255 = ignore (`write_pseudo_mask`, `read_pseudo_mask`; the CAM
   pseudo-masks of paper Eq. 1-2 that the segmenter trains on), plus 0/255 grey previews in
   `WORKDIR/cam/previews/`.
 * seg -> eval, export, predict: the segmenter checkpoints in `WORKDIR/seg`, the network rebuilt from
-  `WORKDIR/seg/summary.json`.
+  `WORKDIR/seg/network.json` (export also reads the finished stage's `summary.json`).
 * export -> predict: the model folder `WORKDIR/export/model` (`exported_model_dir`; its content
   is `oeem_jax.model_folder`'s).
 * eval -> readers of its results: predictions `WORKDIR/eval/predictions/<name>.png`, grey PNGs with
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-from absl import logging
 
 if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collections
   import ml_collections
@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collect
 # Palette of the 0/1 pseudo-mask PNGs: 0 black, 1 white (so that viewers don't show "all black").
 PSEUDO_MASK_PALETTE = [0, 0, 0, 255, 255, 255] + [0, 0, 0] * 254
 IGNORE = 255  # pseudo-mask value of an unsupervised pixel
+NETWORK_CARD = "network.json"  # in a training stage folder (`network_card_path`)
 
 
 def stage_dir(workdir: str | Path, stage: str) -> Path:
@@ -56,13 +57,45 @@ def upstream_dir(own_stage_dir: str | Path, stage: str, override: str | Path = "
   return stage_dir(Path(own_stage_dir).parent, stage)
 
 
-def training_config(train_stage_dir: str | Path,
-                    fallback: ml_collections.ConfigDict | None) -> ml_collections.ConfigDict:
-  """The config a training stage ran with (the `config` of its summary.json), so that a later stage
-  rebuilds exactly the network it trained (width, dilation, classes, dtype, backbone).
+def network_card_path(train_stage_dir: str | Path) -> Path:
+  """`WORKDIR/<stage>/network.json` of a training stage (cls, seg): the network's constructor
+  arguments and input normalisation (`oeem_jax.models.factory.network_card`), written when training
+  starts, so that every checkpoint beside it can be rebuilt without the run's config."""
+  return Path(train_stage_dir) / NETWORK_CARD
 
-  Falls back to `fallback` (the calling stage's own config, which carries `model` and the training
-  stage's section with the same defaults), with a warning, when that summary does not exist.
+
+def write_network_card(train_stage_dir: str | Path, card: dict) -> Path:
+  """Writes `network_card_path(train_stage_dir)` atomically (temp name, then rename)."""
+  from oeem_jax import io_utils
+  return io_utils.atomic_write_json(network_card_path(train_stage_dir), card)
+
+
+def read_network_card(train_stage_dir: str | Path) -> dict | None:
+  """The network card of a training stage folder, or None when it has none (a run of an older
+  version: `training_config` then gives its config).
+
+  Raises:
+    ValueError: the file exists but is not a JSON object (the message names it).
+  """
+  import json
+
+  path = network_card_path(train_stage_dir)
+  if not path.is_file():
+    return None
+  try:
+    with open(path) as f:
+      card = json.load(f)
+  except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: unreadable network card ({type(e).__name__}: {e}); expected the JSON "
+                     "file the training stage wrote") from e
+  if not isinstance(card, dict):
+    raise ValueError(f"{path}: expected a JSON object (a network card), got {type(card).__name__}")
+  return card
+
+
+def training_config(train_stage_dir: str | Path) -> ml_collections.ConfigDict | None:
+  """The config a finished training stage ran with (the `config` of its summary.json), or None when
+  the stage has no summary.json. Only for stage folders without a network card (older runs).
 
   Raises:
     json.JSONDecodeError / KeyError: a summary.json that is not a stage summary.
@@ -73,8 +106,7 @@ def training_config(train_stage_dir: str | Path,
 
   path = Path(train_stage_dir) / "summary.json"
   if not path.is_file():
-    logging.warning("%s not found; building the network from this stage's own config", path)
-    return fallback
+    return None
   with open(path) as f:
     return ml_collections.ConfigDict(json.load(f)["config"])
 

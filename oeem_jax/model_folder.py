@@ -3,15 +3,16 @@
 A model folder holds:
 
 * `variables/`: the segmenter's `{"params", "batch_stats"}` (orbax `StandardCheckpointer`);
-* `model.json` (`FORMAT`): the network config (`network.model`, `network.seg`: what
-  `oeem_jax.models.make_segmenter` needs), the input normalisation (mean / std on 0..255 RGB), the
-  class names, the training pixel size (µm/px; GlaS: 0.62, its 20x scans), the recommended inference
-  settings (those the source workdir's `eval` stage used, else single scale at the training
-  validation window), the stain reference of the training images (`oeem_jax.stain.reference`) and
-  provenance (source workdir, seg folder, checkpoint step, `params_digest`, data label).
+* `model.json` (`FORMAT`): the network (`network.constructor`: the seg stage's network card, its
+  constructor arguments; also the config keys `network.model`, `network.seg`), the input
+  normalisation (mean / std on 0..255 RGB), the class names, the training pixel size (µm/px; GlaS:
+  0.62, its 20x scans), the recommended inference settings (those the source workdir's `eval` stage
+  used, else single scale at the training validation window), the stain reference of the training
+  images (`oeem_jax.stain.reference`) and provenance (source workdir, seg folder, checkpoint step,
+  `params_digest`, data label).
 
 `load_model` takes such a folder, or a workdir (or its `seg` folder) with a finished `seg` stage
-(its `summary.json` exists), builds the network from the config, checks that the weights have
+(its `summary.json` exists), builds the network (from its card), checks that the weights have
 exactly the tree and shapes that network expects, and returns everything `predict` needs.
 """
 
@@ -147,7 +148,7 @@ def card_from_seg_stage(seg_dir: str | Path, checkpoint: str = "", *, pixel_size
   """
   from oeem_jax import train
   from oeem_jax.models import factory
-  from oeem_jax.stages import input_stats
+  from oeem_jax.stages import input_stats, trained_network
 
   seg_dir = Path(seg_dir).expanduser()
   summary = finished_seg_summary(seg_dir)
@@ -173,7 +174,8 @@ def card_from_seg_stage(seg_dir: str | Path, checkpoint: str = "", *, pixel_size
       "format": FORMAT,
       "network": {"model": trained.model.to_dict(),
                   "seg": {"num_classes": int(seg.get("num_classes", factory.NUM_CLASSES)),
-                          "b7_dilation": int(seg.get("b7_dilation", factory.SEG_B7_DILATION))}},
+                          "b7_dilation": int(seg.get("b7_dilation", factory.SEG_B7_DILATION))},
+                  "constructor": trained_network(seg_dir, "seg").card},
       "input": {"channels": "RGB", "range": "0..255", "mean": [float(v) for v in mean],
                 "std": [float(v) for v in std],
                 "stats": None if stats is None else [list(map(float, s)) for s in stats]},
@@ -237,13 +239,17 @@ def write_model_folder(out: str | Path, card: dict[str, Any], variables: dict[st
 
 
 def build_network(card: dict[str, Any]):
-  """The `PSPNet` of a card's `network` section (`oeem_jax.models.make_segmenter`).
+  """The `PSPNet` of a card's `network` section: from `network.constructor` (the seg stage's network
+  card, `oeem_jax.models.factory.network_from_card`) when present, else (folders exported before it
+  existed) from `network.model` / `network.seg` (`oeem_jax.models.make_segmenter`).
 
   Raises:
     KeyError: no `network`, `network.model` or `network.seg`; ValueError / TypeError: bad values.
   """
-  from oeem_jax.models import make_segmenter
+  from oeem_jax.models import factory, make_segmenter
   net = card["network"]
+  if "constructor" in net:
+    return factory.network_from_card(net["constructor"])
   return make_segmenter(ml_collections.ConfigDict({"model": net["model"], "seg": net["seg"]}))
 
 

@@ -8,11 +8,12 @@ import importlib.util
 import json
 import logging
 
+import ml_collections
 import numpy as np
 import pytest
 from PIL import Image
 
-from oeem_jax import stages
+from oeem_jax import artifacts, stages
 from oeem_jax.config_base import load_config_file
 
 
@@ -107,6 +108,31 @@ def test_demo_pipeline_writes_every_stage(demo_run, synthetic_splits):
   assert "SYNTHETIC" in summary["final_line"] and "test_a" in summary["final_line"]
 
 
+def test_training_stages_write_the_network_card_later_stages_rebuild(demo_run, tmp_path):
+  """cls and seg write network.json when training starts; it describes the network their finished
+  config builds (the older runs' path), and cam/eval need nothing else: not even summary.json."""
+  import shutil
+
+  workdir, _ = demo_run
+  for stage, kind, size_key in (("cls", "CAMClassifier", "input_size"), ("seg", "PSPNet", "crop_size")):
+    card = json.loads(artifacts.network_card_path(workdir / stage).read_text())
+    cfg = ml_collections.ConfigDict(json.loads((workdir / stage / "summary.json").read_text())["config"])
+    assert card["network"] == kind and card["kwargs"]["width"] == cfg.model.width == 0.125, stage
+    assert card["input"] == {"kind": stage, "stats": None, "size": int(cfg[stage][size_key])}, stage
+    legacy = tmp_path / "legacy" / stage
+    legacy.mkdir(parents=True)
+    shutil.copy(workdir / stage / "summary.json", legacy)
+    assert stages.trained_network(legacy, stage).card == card, stage   # the summary.json route agrees
+    bare = tmp_path / "bare" / stage
+    bare.mkdir(parents=True)
+    shutil.copy(artifacts.network_card_path(workdir / stage), bare)
+    assert stages.trained_network(bare, stage).card == card, stage
+  assert card["kwargs"]["b7_dilation"] == 4
+  for name in ("cam", "eval"):  # no network keys of their own: they could only disagree
+    for arg in (None, "cpu", "cpu_scratch", "demo"):
+      assert not {"model", "cls", "seg"} & set(_config(name, arg).keys()), (name, arg)
+
+
 def test_rerun_skips_finished_stages(demo_run):
   workdir, _ = demo_run
   before = {n: (workdir / n / "summary.json").stat().st_mtime_ns for n in ("cls", "cam", "seg", "eval")}
@@ -150,7 +176,7 @@ def test_unknown_config_argument_is_refused():
 
 
 def test_cpu_configs_use_pretrained_efficientnet_and_scratch_stays_reachable():
-  for name in ("cls", "seg_oeem", "seg_ce", "seg_full", "cam", "eval"):
+  for name in ("cls", "seg_oeem", "seg_ce", "seg_full"):  # cam and eval read the trained network's card
     cpu, scratch = _config(name, "cpu"), _config(name, "cpu_scratch")
     assert cpu.model.backbone == "efficientnet_lite0", name
     assert scratch.model.backbone == "resnet38" and scratch.model.width == 0.125, name

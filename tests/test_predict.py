@@ -388,6 +388,12 @@ def test_export_then_predict_equals_eval(tiny, tmp_path, data_cache):
   assert card["provenance"]["synthetic"] is True and "SYNTHETIC" in card["provenance"]["data_label"]
   assert card["pixel_size_um"] is None and card["stain_reference"]["num_images"] > 0
   assert s["model_dir"] == str(workdir / "export" / "model")
+  # The seg stage's network card travels in model.json and is what predict rebuilds.
+  constructor = card["network"]["constructor"]
+  assert constructor["network"] == "PSPNet" and constructor["input"]["kind"] == "seg"
+  rebuilt = model_folder.build_network(card)
+  assert (rebuilt.width, rebuilt.b7_dilation, rebuilt.backbone_name) == (model.width, model.b7_dilation,
+                                                                         model.backbone_name)
 
   folder = synthetic.ensure_synthetic_glas(data_cache, 12, 4)
   tests = sorted(p for p in folder.glob("testA_*.png") if "_anno" not in p.name)

@@ -1,16 +1,18 @@
 """The networks of the two training stages built from a config, in one place.
 
-`make_classifier` (stage cls, and stage cam, which rebuilds the classifier it restores) and
-`make_segmenter` (stage seg, and eval / export / predict, which rebuild the segmenter) read the
-same keys: `model.width`, `model.dtype`, `model.backbone`, `model.bn` and the stage section
-(`cls.num_classes` / `cls.b7_dilation`, `seg.num_classes` / `seg.b7_dilation`). A later stage passes
-the config the training stage ran with (`artifacts.training_config`), so it gets exactly the
-network that was trained.
+`make_classifier` (stage cls) and `make_segmenter` (stage seg) read the same keys: `model.width`, `model.dtype`, `model.backbone`, `model.bn` and the stage section
+(`cls.num_classes` / `cls.b7_dilation`, `seg.num_classes` / `seg.b7_dilation`).
+
+A training stage writes its network's constructor arguments beside its checkpoints (`network_card`,
+saved as `WORKDIR/<stage>/network.json` by `oeem_jax.artifacts`), and `network_from_card` rebuilds
+exactly that module from them (`oeem_jax.stages.trained_network`): the later stages need no config
+of the training run.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+import dataclasses
+from typing import TYPE_CHECKING, Any, Callable, Mapping
 
 from oeem_jax.config_check import BN_MODES, ConfigError
 
@@ -114,3 +116,71 @@ def segmenter_apply_fn(model: Any, variables: dict[str, Any]
     return logits.astype(jnp.float32)
 
   return lambda x: np.asarray(apply(jnp.asarray(x)))
+
+
+# `network_card` format: what the card's "network" names -> the module class (imported lazily).
+CARD_FORMAT = "oeem_jax-network/1"
+_NETWORK_CLASSES = {"CAMClassifier": ("oeem_jax.models.classifier", "CAMClassifier"),
+                    "PSPNet": ("oeem_jax.models.pspnet", "PSPNet")}
+
+
+def network_card(model: Any, *, input_kind: str, input_stats: Any, input_size: int) -> dict[str, Any]:
+  """The JSON description of a trained network: its class, its constructor arguments and its input.
+
+  Args:
+    model: a `CAMClassifier` or `PSPNet` (an unbound flax module).
+    input_kind: "cls" or "seg": the `data.pipeline.normalize` kind the network was trained with.
+    input_stats: (mean, std) on 0..255 RGB replacing that kind's default (`stages.input_stats`), or
+      None.
+    input_size: side in pixels of the training inputs (cls: tile input size, seg: crop size); the
+      cam stage feeds CAM tiles at this size.
+
+  Returns:
+    {"format": CARD_FORMAT, "network": class name, "kwargs": {field: JSON value} (dtype as its
+    NumPy name, e.g. "float32"), "input": {"kind", "stats", "size"}}.
+
+  Raises:
+    ValueError: a module of another class than those `network_from_card` rebuilds.
+  """
+  import numpy as np
+
+  name = type(model).__name__
+  if name not in _NETWORK_CLASSES:
+    raise ValueError(f"network_card: cannot describe a {name}; expected one of {sorted(_NETWORK_CLASSES)}")
+  kwargs = {}
+  for f in dataclasses.fields(model):
+    if f.name in ("parent", "name") or not f.init:
+      continue
+    value = getattr(model, f.name)
+    kwargs[f.name] = np.dtype(value).name if f.name == "dtype" else value
+  stats = None if input_stats is None else [[float(v) for v in s] for s in input_stats]
+  return {"format": CARD_FORMAT, "network": name, "kwargs": kwargs,
+          "input": {"kind": str(input_kind), "stats": stats, "size": int(input_size)}}
+
+
+def network_from_card(card: Mapping[str, Any]) -> Any:
+  """The flax module a `network_card` describes (the same class and constructor arguments).
+
+  Raises:
+    ValueError: another card format, an unknown network class, or arguments the class does not take
+      (the message names them).
+  """
+  import importlib
+
+  import jax.numpy as jnp
+
+  if card.get("format") != CARD_FORMAT:
+    raise ValueError(f"network card format {card.get('format')!r}; expected {CARD_FORMAT!r}")
+  name = card.get("network")
+  if name not in _NETWORK_CLASSES:
+    raise ValueError(f"network card names {name!r}; expected one of {sorted(_NETWORK_CLASSES)}")
+  module, cls_name = _NETWORK_CLASSES[name]
+  cls = getattr(importlib.import_module(module), cls_name)
+  kwargs = dict(card.get("kwargs", {}))
+  known = {f.name for f in dataclasses.fields(cls) if f.init} - {"parent", "name"}
+  unknown = sorted(set(kwargs) - known)
+  if unknown:
+    raise ValueError(f"network card: {name} takes no argument(s) {unknown}; it takes {sorted(known)}")
+  if "dtype" in kwargs:
+    kwargs["dtype"] = jnp.dtype(kwargs["dtype"])
+  return cls(**kwargs)

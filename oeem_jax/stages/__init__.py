@@ -9,10 +9,11 @@ stage (and the pipeline, which calls `run_stage` for each of its stages) follows
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from absl import logging
 
@@ -137,3 +138,61 @@ def input_stats(config: ml_collections.ConfigDict):
   feeds its networks (`data.pipeline.input_stats`); None = ResNet38's per-stage defaults."""
   from oeem_jax.data.pipeline import input_stats as stats_of
   return stats_of(str(config.model.get("backbone", "resnet38")))
+
+
+# What a training stage's network takes as input when its folder has no network card (older runs).
+_INPUT_SIZE_KEY = {"cls": "input_size", "seg": "crop_size"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedNetwork:
+  """A training stage's network, rebuilt for a later stage.
+
+  Attributes:
+    model: the flax module (`CAMClassifier` for cls, `PSPNet` for seg) with the constructor arguments
+      it trained with.
+    normalize: uint8 / float 0..255 RGB [..., 3] -> float32 network input, as in training.
+    input_size: side in pixels of the training inputs (cls: tiles, seg: crops).
+    card: the network card (`models.factory.network_card`) it was built from.
+  """
+  model: Any
+  normalize: Callable[[Any], Any]
+  input_size: int
+  card: dict[str, Any]
+
+
+def trained_network(train_stage_dir: str | Path, stage: str) -> TrainedNetwork:
+  """Rebuilds the network a training stage (`stage` = "cls" or "seg") trained in `train_stage_dir`.
+
+  Reads `network.json`, which the stage writes beside its checkpoints when training starts
+  (`artifacts.read_network_card`), so an unfinished or preempted run works too. A folder of an
+  older version without it falls back to the config in its `summary.json`.
+
+  Raises:
+    FileNotFoundError: the folder has neither file (not a `stage` training folder).
+    ValueError: an unreadable card, a card of another stage, or arguments the network does not take.
+  """
+  from oeem_jax import artifacts
+  from oeem_jax.data.pipeline import normalizer
+  from oeem_jax.models import factory
+
+  folder = Path(train_stage_dir)
+  card = artifacts.read_network_card(folder)
+  if card is None:
+    trained = artifacts.training_config(folder)
+    if trained is None:
+      raise FileNotFoundError(
+          f"{folder}: no {artifacts.network_card_path(folder).name} and no summary.json; expected the "
+          f"folder of a {stage} training stage (python -m oeem_jax.main --config=configs/{stage}.py ...)")
+    logging.info("%s has no network card (an older run): the network comes from its summary.json", folder)
+    make = factory.make_classifier if stage == "cls" else factory.make_segmenter
+    card = factory.network_card(make(trained), input_kind=stage, input_stats=input_stats(trained),
+                                input_size=int(trained[stage][_INPUT_SIZE_KEY[stage]]))
+  kind = card.get("input", {}).get("kind")
+  if kind != stage:
+    raise ValueError(f"{artifacts.network_card_path(folder)}: the network of a {kind!r} stage; expected "
+                     f"a {stage!r} stage folder")
+  stats = card["input"].get("stats")
+  return TrainedNetwork(model=factory.network_from_card(card),
+                        normalize=normalizer(stage, None if stats is None else tuple(map(tuple, stats))),
+                        input_size=int(card["input"]["size"]), card=card)

@@ -2,7 +2,8 @@
 
 A stage reads its data, builds its model, loss, data stream, validator and pretrained-weights hook,
 and hands them to `train_stage` as `StageParts`; `train_stage` does the rest the same way for both:
-initialises through the model's `init`, freezes what the stage asks (`models.trainable_mask`),
+writes the network card (`artifacts.write_network_card`: what later stages rebuild the network
+from), initialises through the model's `init`, freezes what the stage asks (`models.trainable_mask`),
 builds the optimiser from `config.train` (`optim.optimizer_from_config`), the finite data iterator,
 the mesh and the validator (or warns that there are no validation images), and runs
 `train.train_loop` with `train.LoopOptions.from_config`. Also here: the TensorBoard panels both
@@ -72,6 +73,12 @@ def train_stage(config: ml_collections.ConfigDict, stage_dir: Path, parts: Stage
     ValueError / config_check.ConfigError for bad values or a resume of another run).
   """
   model, size = parts.model, int(parts.input_size)
+  if jax.process_index() == 0:  # one writer on a shared filesystem
+    from oeem_jax import artifacts
+    from oeem_jax.models import factory
+    from oeem_jax.stages import input_stats
+    artifacts.write_network_card(stage_dir, factory.network_card(
+        model, input_kind=parts.name, input_stats=input_stats(config), input_size=size))
 
   def init_variables(rng):
     return model.init({"params": rng, "dropout": rng}, jnp.zeros((1, size, size, 3)), train=False)

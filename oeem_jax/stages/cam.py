@@ -50,26 +50,23 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   """Runs the cam stage (module docstring); returns the summary fields.
 
   Raises:
-    FileNotFoundError: no classifier checkpoint in `cam.cls_dir`.
+    FileNotFoundError: no classifier checkpoint (or network card) in `cam.cls_dir`.
     ValueError: an unknown split name in `cam.splits`.
   """
   import jax
 
   from oeem_jax import train
   from oeem_jax.data import glas
-  from oeem_jax.models import make_classifier
   from oeem_jax.models.classifier import CAMClassifier
+  from oeem_jax.stages import trained_network
 
   cam_cfg, data_cfg = config.cam, config.data
   cls_dir = artifacts.upstream_dir(stage_dir, "cls", cam_cfg.cls_dir)
   variables, step = train.load_variables(cls_dir, cam_cfg.checkpoint)
   logging.info("cam: restored %s classifier checkpoint of step %d from %s", cam_cfg.checkpoint, step,
                cls_dir)
-  trained = artifacts.training_config(cls_dir, config)
-  model = make_classifier(trained)
-  from oeem_jax.data.pipeline import normalizer
-  from oeem_jax.stages import input_stats
-  normalize = normalizer("cls", input_stats(trained))
+  network = trained_network(cls_dir, "cls")
+  model, normalize = network.model, network.normalize
   variables = jax.device_put(variables)
 
   def cam_fn(params, x):
@@ -89,7 +86,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
     img_tiles, labels = tiles_lib.example_tiles(ex, tile, stride, float(data_cfg.label_threshold))
     masked, unmasked = pseudo_mask.tile_pseudo_masks(
         img_tiles, labels, cam_fn, cam_params=variables, batch_size=int(cam_cfg.batch_size),
-        scales=scales, cam_input=int(trained.cls.input_size), return_unmasked=True,
+        scales=scales, cam_input=network.input_size, return_unmasked=True,
         normalize=normalize)
     pseudo = tiles_lib.stitch_masks(masked, boxes, h, w)
     cam_mask = tiles_lib.stitch_masks(unmasked, boxes, h, w)

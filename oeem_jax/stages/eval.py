@@ -124,15 +124,14 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   """Runs the eval stage (see the module docstring); returns the summary fields.
 
   Raises:
-    FileNotFoundError: no segmenter checkpoint in `eval.seg_dir`.
+    FileNotFoundError: no segmenter checkpoint (or network card) in `eval.seg_dir`.
     ValueError: an unknown split name in `eval.splits`, or a negative `eval.min_object_area` /
       `eval.max_hole_area`.
   """
   from oeem_jax import train
   from oeem_jax.data import glas
-  from oeem_jax.data.pipeline import normalizer
-  from oeem_jax.models import make_segmenter, segmenter_apply_fn
-  from oeem_jax.stages import input_stats
+  from oeem_jax.models import segmenter_apply_fn
+  from oeem_jax.stages import trained_network
 
   eval_cfg = config.eval
   for key in ("min_object_area", "max_hole_area"):
@@ -144,10 +143,9 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   digest = train.params_digest(variables["params"])  # equals the training summary's for "latest"
   logging.info("eval: restored %s checkpoint of step %d from %s (params_digest %s)",
                eval_cfg.checkpoint, step, seg_dir, digest[:16])
-  trained = artifacts.training_config(seg_dir, config)
-  model = make_segmenter(trained)
-  normalize = normalizer("seg", input_stats(trained))
-  apply_fn = segmenter_apply_fn(model, variables)
+  network = trained_network(seg_dir, "seg")
+  normalize = network.normalize
+  apply_fn = segmenter_apply_fn(network.model, variables)
 
   data = glas.load_splits(config.data)
   splits = [s.strip() for s in str(eval_cfg.splits).split(",") if s.strip()]

@@ -2,12 +2,13 @@
 
     python -m oeem_jax.main --config=configs/export.py --workdir=W
 
-Reads W/seg (the network config from its summary.json, the weights from its checkpoint: by default
-the one W/eval used, else the final one) and writes W/export/model/ (`export.out` to put it
-elsewhere): `variables/` (orbax) and `model.json` with the network config, input normalisation,
-class names, training pixel size, recommended inference settings (those of W/eval when it ran),
-the stain reference of the training images and provenance (`oeem_jax.model_folder`). The folder is
-written under a temp name and renamed, so a killed export leaves no half-written model.
+Reads W/seg (the network from its network.json, provenance from its summary.json, the weights from
+its checkpoint: by default the one W/eval used, else the final one) and writes W/export/model/
+(`export.out` to put it elsewhere): `variables/` (orbax) and `model.json` with the network config,
+input normalisation, class names, training pixel size, recommended inference settings (those of
+W/eval when it ran), the stain reference of the training images and provenance
+(`oeem_jax.model_folder`). The folder is written under a temp name and renamed, so a killed export
+leaves no half-written model.
 
 `python -m oeem_jax.main --config=configs/predict.py --config.predict.model=W/export/model ...`
 then needs nothing else from W.
