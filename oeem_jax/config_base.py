@@ -37,25 +37,22 @@ def get_base_config(stage: str) -> ml_collections.ConfigDict:
   c.seed = 0
 
   # ---- data -----------------------------------------------------------------
-  c.data = ml_collections.ConfigDict()
-  # Folder in the Warwick-QU layout (train_N.png/.bmp + train_N_anno.*, testA_*, testB_*, Grade.csv).
-  # Empty string: use the embedded *synthetic* GlaS-shaped set (never for reported accuracy).
-  c.data.dir = ""
-  # Where the synthetic set and the TFDS-prepared dataset are cached ("" = ~/.cache/oeem_jax).
-  c.data.cache_dir = ""
-  # Validation subset carved out of train (whole patients, both grades): a count, or a
-  # comma-separated list of image names (overrides the count when non-empty).
-  c.data.val_count = 10
-  c.data.val_names = ""
-  # Refuse a GlaS folder whose split counts differ from 85/60/20 unless this is True.
-  c.data.allow_partial = False
-  # Patch labels (paper 3.1, docs/reference.md §1): tile 112 at stride 56, class present above 5 %.
-  c.data.tile_size = 112
-  c.data.tile_stride = 56
-  c.data.label_threshold = 0.05
-  # Synthetic set size (only used when data.dir is empty).
-  c.data.synthetic_train = 12
-  c.data.synthetic_test = 4
+  c.data = ml_collections.ConfigDict(dict(
+      # Folder in the Warwick-QU layout (train_N.png/.bmp + train_N_anno.*, testA_*, testB_*, Grade.csv).
+      # Empty string: use the embedded *synthetic* GlaS-shaped set (never for reported accuracy).
+      dir="",
+      # Where the synthetic set and the TFDS-prepared dataset are cached ("" = ~/.cache/oeem_jax).
+      cache_dir="",
+      # Validation subset carved out of train (whole patients, both grades): a count, or a
+      # comma-separated list of image names (overrides the count when non-empty).
+      val_count=10, val_names="",
+      # Refuse a GlaS folder whose split counts differ from 85/60/20 unless this is True.
+      allow_partial=False,
+      # Patch labels (paper 3.1, docs/reference.md §1): tile 112 at stride 56, class present above 5 %.
+      tile_size=112, tile_stride=56, label_threshold=0.05,
+      # Synthetic set size (only used when data.dir is empty).
+      synthetic_train=12, synthetic_test=4,
+  ))
   return c
 
 
@@ -75,12 +72,9 @@ def add_model_config(c: ml_collections.ConfigDict, *, width: float = 1.0) -> ml_
   reference, and the segmenter trains BN; "frozen": BN statistics and gamma/beta frozen in the
   backbone of both stages; "train": BN trains in both), dtype ("float32" or "bfloat16" compute).
   """
-  c.model = ml_collections.ConfigDict()
-  c.model.backbone = "resnet38"
-  c.model.width = width
-  c.model.init_checkpoint = ""
-  c.model.bn = "auto"
-  c.model.dtype = "float32"
+  c.model = ml_collections.ConfigDict(dict(
+      backbone="resnet38", width=width, init_checkpoint="", bn="auto", dtype="float32",
+  ))
   return c
 
 
@@ -105,17 +99,12 @@ def add_train_config(c: ml_collections.ConfigDict, *, steps: int, batch_size: in
   eval_every (0 = only at the end), distributed ("auto" | "on" | "off": when to call
   jax.distributed.initialize(), see train.setup_distributed).
   """
-  c.train = ml_collections.ConfigDict()
-  c.train.steps = steps
-  c.train.batch_size = batch_size
-  c.train.lr = lr
-  c.train.end_lr = end_lr
-  c.train.power = 0.9
-  c.train.momentum = 0.9
-  c.train.weight_decay = weight_decay
-  c.train.log_every = log_every
-  c.train.eval_every = eval_every
-  c.train.distributed = "auto"
+  c.train = ml_collections.ConfigDict(dict(
+      steps=steps, batch_size=batch_size,
+      lr=lr, end_lr=end_lr, power=0.9, momentum=0.9, weight_decay=weight_decay,
+      log_every=log_every, eval_every=eval_every,
+      distributed="auto",
+  ))
   return c
 
 
@@ -124,10 +113,7 @@ def add_checkpoint_config(c: ml_collections.ConfigDict, *, every: int = 1000, ke
   """Adds `checkpoint`: every (steps between saves; the last step is always saved), keep (periodic
   checkpoints kept in WORKDIR/<stage>/checkpoints/<step>/; the best-by-validation one is kept apart in
   WORKDIR/<stage>/best/<step>/), async_save (orbax background writes)."""
-  c.checkpoint = ml_collections.ConfigDict()
-  c.checkpoint.every = every
-  c.checkpoint.keep = keep
-  c.checkpoint.async_save = True
+  c.checkpoint = ml_collections.ConfigDict(dict(every=every, keep=keep, async_save=True))
   return c
 
 
@@ -139,13 +125,11 @@ def add_cls_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   reference classifier), eval_batch_size (tiles per forward pass at validation),
   num_eval_images (validation CAMs written to TensorBoard).
   """
-  c.cls = ml_collections.ConfigDict()
-  c.cls.epochs = 20
-  c.cls.input_size = 224
-  c.cls.num_classes = 2
-  c.cls.b7_dilation = 2
-  c.cls.eval_batch_size = 64
-  c.cls.num_eval_images = 3
+  c.cls = ml_collections.ConfigDict(dict(
+      epochs=20, input_size=224,
+      num_classes=2, b7_dilation=2,
+      eval_batch_size=64, num_eval_images=3,
+  ))
   return c
 
 
@@ -161,21 +145,12 @@ def add_seg_config(c: ml_collections.ConfigDict, *, loss_kind: str = "oeem",
   photometric (photometric distortion on/off), num_classes, b7_dilation (4), eval_window /
   eval_stride (sliding window of the single-scale validation), eval_batch_size, num_eval_images.
   """
-  c.seg = ml_collections.ConfigDict()
-  c.seg.loss_kind = loss_kind
-  c.seg.loss_reference_compat = False
-  c.seg.aux_weight = 0.4
-  c.seg.mask_source = mask_source
-  c.seg.pseudo_dir = ""
-  c.seg.backbone_init = ""       # "" | "cls" (= WORKDIR/cls) | a cls stage folder
-  c.seg.crop_size = 256
-  c.seg.scale_min = 0.75
-  c.seg.scale_max = 3.0
-  c.seg.photometric = True
-  c.seg.num_classes = 2
-  c.seg.b7_dilation = 4
-  c.seg.eval_window = 320
-  c.seg.eval_stride = 256
-  c.seg.eval_batch_size = 8
-  c.seg.num_eval_images = 3
+  c.seg = ml_collections.ConfigDict(dict(
+      loss_kind=loss_kind, loss_reference_compat=False, aux_weight=0.4,
+      mask_source=mask_source, pseudo_dir="",
+      backbone_init="",  # "" | "cls" (= WORKDIR/cls) | a cls stage folder
+      crop_size=256, scale_min=0.75, scale_max=3.0, photometric=True,
+      num_classes=2, b7_dilation=4,
+      eval_window=320, eval_stride=256, eval_batch_size=8, num_eval_images=3,
+  ))
   return c

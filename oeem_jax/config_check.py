@@ -126,6 +126,19 @@ def _loss_kinds() -> tuple[str, ...]:
   return KINDS
 
 
+def _sliding_window_rules(section: str) -> list[Rule]:
+  """The rules of the multi-scale sliding-window inference keys that eval.* and predict.* share:
+  scales, window, stride, batch_size and the post-processing areas of `section`."""
+  return [
+      (f"{section}.scales", _scales, "a non-empty tuple of scales > 0, e.g. (0.75, 1.0, 1.25)"),
+      (f"{section}.window", _int_at_least(8), "a window side in pixels >= 8"),
+      (f"{section}.stride", _stride(f"{section}.window"), f"a stride in pixels in 1..{section}.window"),
+      (f"{section}.batch_size", _int_at_least(1), "a batch size >= 1"),
+      (f"{section}.min_object_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
+      (f"{section}.max_hole_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
+  ]
+
+
 COMMON: list[Rule] = [
     ("seed", _int_at_least(0), "an integer >= 0"),
     ("data.val_count", _int_at_least(0), "an integer >= 0 (0 = no validation images)"),
@@ -154,6 +167,7 @@ TRAIN: list[Rule] = [
     ("checkpoint.every", _int_at_least(0), "a number of steps >= 0 (0 = only at the end)"),
     ("checkpoint.keep", _int_at_least(1), "a number of checkpoints >= 1"),
 ]
+
 
 STAGE_RULES: dict[str, list[Rule]] = {
     "prepare": [],
@@ -191,12 +205,7 @@ STAGE_RULES: dict[str, list[Rule]] = {
     "eval": [
         ("eval.checkpoint", _checkpoint, CHECKPOINT_CHOICES),
         ("eval.splits", _splits, "comma-separated names from " + ", ".join(SPLITS)),
-        ("eval.scales", _scales, "a non-empty tuple of scales > 0, e.g. (0.75, 1.0, 1.25)"),
-        ("eval.window", _int_at_least(8), "a window side in pixels >= 8"),
-        ("eval.stride", _stride("eval.window"), "a stride in pixels in 1..eval.window"),
-        ("eval.batch_size", _int_at_least(1), "a batch size >= 1"),
-        ("eval.min_object_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
-        ("eval.max_hole_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
+        *_sliding_window_rules("eval"),
     ],
 }
 
@@ -211,12 +220,7 @@ STAGE_RULES["predict"] = [
     ("predict.checkpoint", lambda v, c: v == "" or _checkpoint(v, c),
      "'' (the checkpoint eval used), " + CHECKPOINT_CHOICES),
     ("predict.input_mpp", _non_negative, "a pixel size in µm/px > 0, or 0 = from the file"),
-    ("predict.scales", _scales, "a non-empty tuple of scales > 0, e.g. (0.75, 1.0, 1.25)"),
-    ("predict.window", _int_at_least(8), "a window side in pixels >= 8"),
-    ("predict.stride", _stride("predict.window"), "a stride in pixels in 1..predict.window"),
-    ("predict.batch_size", _int_at_least(1), "a batch size >= 1"),
-    ("predict.min_object_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
-    ("predict.max_hole_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
+    *_sliding_window_rules("predict"),
     ("predict.region_size", _int_at_least(16), "a region side >= 16 px (default 4096)"),
     ("predict.overlay_max_side", _int_at_least(16), "a side >= 16 px"),
     ("predict.tiff_mask_pixels", _int_at_least(0), "a pixel count >= 0"),

@@ -212,23 +212,23 @@ class ObjectStats:
     den = 2 * self.tp + self.fp + self.fn
     return 2 * self.tp / den if den else 1.0
 
+  def _pooled(self, s_sum: float, g_sum: float, no_objects: float) -> float:
+    """0.5·(s_sum/Σ|S| + g_sum/Σ|G|), a side without objects adding 0; `no_objects` with none anywhere."""
+    if self.s_area == 0 and self.g_area == 0:
+      return no_objects
+    s_term = s_sum / self.s_area if self.s_area else 0.0
+    g_term = g_sum / self.g_area if self.g_area else 0.0
+    return 0.5 * (s_term + g_term)
+
   @property
   def dice(self) -> float:
     """Object Dice; 1.0 with no objects anywhere, 0.0 with objects on one side only."""
-    if self.s_area == 0 and self.g_area == 0:
-      return 1.0
-    s_term = self.s_dice / self.s_area if self.s_area else 0.0
-    g_term = self.g_dice / self.g_area if self.g_area else 0.0
-    return 0.5 * (s_term + g_term)
+    return self._pooled(self.s_dice, self.g_dice, 1.0)
 
   @property
   def hausdorff(self) -> float:
     """Object Hausdorff (pixels); 0.0 with no objects anywhere."""
-    if self.s_area == 0 and self.g_area == 0:
-      return 0.0
-    s_term = self.s_haus / self.s_area if self.s_area else 0.0
-    g_term = self.g_haus / self.g_area if self.g_area else 0.0
-    return 0.5 * (s_term + g_term)
+    return self._pooled(self.s_haus, self.g_haus, 0.0)
 
 
 def _relabel(instances: np.ndarray, name: str) -> tuple[np.ndarray, int]:

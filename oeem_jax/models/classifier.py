@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from oeem_jax.models import efficientnet_lite
-from oeem_jax.models.resnet38 import ResNet38, scaled_channels, torch_default_init
+from oeem_jax.models.resnet38 import BNNetModule, ResNet38, scaled_channels, torch_default_init
 
 BACKBONES = ("resnet38",) + efficientnet_lite.VARIANTS
 
@@ -65,7 +65,7 @@ def _torch_linear_bias_init(fan_in: int):
   return init
 
 
-class CAMClassifier(nn.Module):
+class CAMClassifier(BNNetModule):
   """Backbone + GAP + Linear(C_feat -> num_classes, bias); `cam` applies the linear map per pixel.
 
   C_feat = 5632*width for ResNet38 (b5_in, b6_in, out), 1584 for EfficientNet-Lite0 (outputs of
@@ -89,10 +89,7 @@ class CAMClassifier(nn.Module):
   width: float = 1.0
   num_classes: int = 2
   b7_dilation: int = 2
-  bn_frozen: bool = False
-  dtype: Any = jnp.float32
   backbone_name: str = "resnet38"
-  conv_impl: str = "auto"
 
   def setup(self):
     self.backbone = make_backbone(self.backbone_name, width=self.width, dilation=self.b7_dilation,

@@ -47,7 +47,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from oeem_jax.models.resnet38 import conv2d
+from oeem_jax.models.resnet38 import BNNetModule, NetModule, conv2d
 
 BN_MOMENTUM = 0.9   # == PyTorch momentum 0.1
 BN_EPS = 1e-3       # the EfficientNet(-Lite) weights' epsilon
@@ -140,7 +140,7 @@ def depthwise_conv(x: jax.Array, k: jax.Array, stride: int = 1, dilation: int = 
   return y
 
 
-class TFConv(nn.Module):
+class TFConv(NetModule):
   """Bias-free conv with TensorFlow 'SAME' padding; `depthwise=True` gives one kxk filter per channel.
 
   Param 'kernel': float32 HWIO, [k, k, Cin, Cout] (depthwise: [k, k, 1, C]). 1x1 convs go through
@@ -151,8 +151,6 @@ class TFConv(nn.Module):
   stride: int = 1
   dilation: int = 1
   depthwise: bool = False
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -175,7 +173,19 @@ def batch_norm(*, use_running_average: bool, name: str, dtype: Any = jnp.float32
                       dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-class MBConv(nn.Module):
+class _LiteModule(BNNetModule):
+  """Base of EfficientNetLite and its blocks: `TFConv` and BN in the module's dtype, conv_impl, BN mode."""
+
+  def _conv(self, features: int, kernel: int, name: str, **kw: Any) -> TFConv:
+    """`TFConv(features, kernel, **kw)` named `name`, computed in this module's dtype with its conv_impl."""
+    return TFConv(features, kernel, **kw, dtype=self.dtype, conv_impl=self.conv_impl, name=name)
+
+  def _bn(self, x: jax.Array, train: bool, name: str) -> jax.Array:
+    """BN(x) (EfficientNet's epsilon), running statistics when `use_running_average(train)`."""
+    return batch_norm(use_running_average=self.use_running_average(train), name=name, dtype=self.dtype)(x)
+
+
+class MBConv(_LiteModule):
   """Mobile inverted bottleneck without squeeze-excitation (EfficientNet-Lite), ReLU6.
 
   x: [N, H, W, in_ch] -> [N, ceil(H/stride), ceil(W/stride), out_ch].
@@ -186,29 +196,23 @@ class MBConv(nn.Module):
   kernel: int
   stride: int = 1
   dilation: int = 1
-  bn_frozen: bool = False
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    ura = self.bn_frozen or not train
     mid = self.in_ch * self.expand
     h = x
     if self.expand != 1:
-      h = TFConv(mid, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="expand_conv")(h)
-      h = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn0", dtype=self.dtype)(h))
-    h = TFConv(mid, self.kernel, stride=self.stride, dilation=self.dilation, depthwise=True,
-               dtype=self.dtype, name="depthwise_conv")(h)
-    h = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn1", dtype=self.dtype)(h))
-    h = TFConv(self.out_ch, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="project_conv")(h)
-    h = batch_norm(use_running_average=ura, name="bn2", dtype=self.dtype)(h)
+      h = jax.nn.relu6(self._bn(self._conv(mid, 1, "expand_conv")(h), train, "bn0"))
+    h = self._conv(mid, self.kernel, "depthwise_conv", stride=self.stride, dilation=self.dilation,
+                   depthwise=True)(h)
+    h = jax.nn.relu6(self._bn(h, train, "bn1"))
+    h = self._bn(self._conv(self.out_ch, 1, "project_conv")(h), train, "bn2")
     if self.stride == 1 and self.in_ch == self.out_ch:
       h = h + x
     return h
 
 
-class EfficientNetLite(nn.Module):
+class EfficientNetLite(_LiteModule):
   """EfficientNet-Lite0 feature extractor (module docstring).
 
   Attributes:
@@ -219,9 +223,6 @@ class EfficientNetLite(nn.Module):
     conv_impl: gradients of the 1x1 convs, one of `resnet38.CONV_IMPLS` (same numbers).
   """
   output_stride: int = 8
-  bn_frozen: bool = False
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -240,21 +241,15 @@ class EfficientNetLite(nn.Module):
     """
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"EfficientNetLite expects NHWC RGB input [N, H, W, 3], got shape {x.shape}")
-    ura = self.bn_frozen or not train
-    x = TFConv(STEM_CHANNELS, 3, stride=2, dtype=self.dtype, conv_impl=self.conv_impl,
-               name="conv_stem")(x)
-    x = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn0", dtype=self.dtype)(x))
+    x = jax.nn.relu6(self._bn(self._conv(STEM_CHANNELS, 3, "conv_stem", stride=2)(x), train, "bn0"))
     feats = {}
-    plan = block_plan(self.output_stride)
-    for i, b in enumerate(plan):
-      x = MBConv(**b, bn_frozen=self.bn_frozen, dtype=self.dtype, conv_impl=self.conv_impl,
-                 name=f"blocks_{i}")(x, train)
+    for i, b in enumerate(block_plan(self.output_stride)):
+      x = MBConv(**b, **self.shared_kwargs(), name=f"blocks_{i}")(x, train)
       if i == 10:
         feats["stage5"] = x
       elif i == 14:
         feats["stage6"] = x
-    x = TFConv(HEAD_CHANNELS, 1, dtype=self.dtype, conv_impl=self.conv_impl, name="conv_head")(x)
-    feats["out"] = jax.nn.relu6(batch_norm(use_running_average=ura, name="bn1", dtype=self.dtype)(x))
+    feats["out"] = jax.nn.relu6(self._bn(self._conv(HEAD_CHANNELS, 1, "conv_head")(x), train, "bn1"))
     return feats
 
 

@@ -120,13 +120,19 @@ def read_torch_state_dict(path: str | os.PathLike) -> dict[str, np.ndarray]:
   return out
 
 
-def _backbone_prefix(params: Mapping[str, Any]) -> tuple[str, ...]:
-  if "conv1a" in params:
+def _backbone_prefix(params: Mapping[str, Any], marker: str, family: str, hint: str = "") -> tuple[str, ...]:
+  """Where the backbone sits in `params`: () at the top (the backbone's own tree), ('backbone',) in a
+  CAMClassifier/PSPNet tree; the backbone is recognised by its module `marker` (e.g. 'conv1a').
+
+  Raises:
+    ValueError: `marker` is in neither place; the message names the `family`, then adds `hint`.
+  """
+  if marker in params:
     return ()
-  if "backbone" in params and "conv1a" in params["backbone"]:
+  if "backbone" in params and marker in params["backbone"]:
     return ("backbone",)
-  raise ValueError("variables['params'] holds no ResNet38 (no 'conv1a' at the top or under 'backbone'); "
-                   f"top-level keys: {sorted(params)}")
+  raise ValueError(f"variables['params'] holds no {family} (no {marker!r} at the top or under 'backbone'); "
+                   f"top-level keys: {sorted(params)}{hint}")
 
 
 def _subtree(tree: Mapping[str, Any], path: tuple[str, ...]):
@@ -188,7 +194,7 @@ def map_state_dict(state_dict: Mapping[str, np.ndarray], variables: Mapping[str,
   import jax  # noqa: PLC0415
 
   new = _to_mutable(variables)
-  prefix = _backbone_prefix(new["params"])
+  prefix = _backbone_prefix(new["params"], "conv1a", "ResNet38")
   used, unexpected, skipped = [], [], []
   filled: set[tuple[str, ...]] = set()
   for key, value in state_dict.items():
@@ -268,16 +274,6 @@ def efficientnet_flax_key(key: str) -> tuple[str, tuple[str, ...], str] | None:
   return None
 
 
-def _efficientnet_prefix(params: Mapping[str, Any]) -> tuple[str, ...]:
-  if "conv_stem" in params:
-    return ()
-  if "backbone" in params and "conv_stem" in params["backbone"]:
-    return ("backbone",)
-  raise ValueError("variables['params'] holds no EfficientNet-Lite (no 'conv_stem' at the top or under "
-                   f"'backbone'); top-level keys: {sorted(params)}; is config key model.backbone "
-                   "'efficientnet_lite0'?")
-
-
 def convert_efficientnet_lite(state_dict: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
   """torch state dict -> {'collection/module/.../leaf': array in Flax layout} (backbone-relative).
 
@@ -348,7 +344,8 @@ def load_efficientnet_lite(name_or_path: str, variables: Mapping[str, Any], *,
   path = resolve_pretrained(name_or_path)
   converted = _cached_conversion(path, cache_dir)
   new = _to_mutable(variables)
-  prefix = _efficientnet_prefix(new["params"])
+  prefix = _backbone_prefix(new["params"], "conv_stem", "EfficientNet-Lite",
+                            "; is config key model.backbone 'efficientnet_lite0'?")
   used, unexpected = [], []
   filled: set[tuple[str, ...]] = set()
   for flat_key, arr in converted.items():

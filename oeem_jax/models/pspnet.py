@@ -15,7 +15,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Sequence
 
 import flax.linen as nn
 import jax
@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from oeem_jax.models.classifier import make_backbone
-from oeem_jax.models.resnet38 import batch_norm, conv, dropout2d, scaled_channels
+from oeem_jax.models.resnet38 import NetModule, batch_norm, conv, dropout2d, scaled_channels
 
 PSP_BINS = (1, 2, 3, 6)
 # Backbone feature under the auxiliary FCN head (see PSPNet.backbone_name).
@@ -74,12 +74,10 @@ def resize_bilinear(x: jax.Array, height: int, width: int) -> jax.Array:
   return jax.image.resize(x, (n, height, width, c), method="bilinear", antialias=False)
 
 
-class ConvBNReLU(nn.Module):
+class ConvBNReLU(NetModule):
   """mmcv ConvModule: conv (no bias, Kaiming normal fan_out, symmetric padding) -> BN -> ReLU."""
   features: int
   kernel: int
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
@@ -94,43 +92,45 @@ def _seg_conv(num_classes: int, name: str) -> nn.Conv:
                  kernel_init=seg_head_init, bias_init=nn.initializers.zeros, name=name)
 
 
-class PSPHead(nn.Module):
-  """Pyramid pooling decode head. x: [N, h, w, C] -> float32[N, h, w, num_classes]."""
+class _SegHead(NetModule):
+  """Base of the decode heads: `channels`-wide ConvModules, then Dropout2d(0.1) -> 1x1 `conv_seg`."""
   channels: int
   num_classes: int
+
+  def _conv_module(self, kernel: int, name: str) -> ConvBNReLU:
+    """A `channels`-wide ConvBNReLU in the head's dtype and conv_impl."""
+    return ConvBNReLU(self.channels, kernel, dtype=self.dtype, conv_impl=self.conv_impl, name=name)
+
+  def _classify(self, y: jax.Array, train: bool) -> jax.Array:
+    """Dropout2d(0.1) (when training) -> `conv_seg`: [N, h, w, channels] -> float32[N, h, w, num_classes]."""
+    y = dropout2d(0.1, deterministic=not train)(y)
+    return _seg_conv(self.num_classes, "conv_seg")(y.astype(jnp.float32))
+
+
+class PSPHead(_SegHead):
+  """Pyramid pooling decode head. x: [N, h, w, C] -> float32[N, h, w, num_classes]."""
   bins: Sequence[int] = PSP_BINS
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     _, h, w, _ = x.shape
     outs = [x]
     for b in self.bins:
-      p = adaptive_avg_pool(x, b)
-      p = ConvBNReLU(self.channels, 1, dtype=self.dtype, conv_impl=self.conv_impl, name=f"ppm_{b}")(p, train)
+      p = self._conv_module(1, f"ppm_{b}")(adaptive_avg_pool(x, b), train)
       outs.append(resize_bilinear(p, h, w).astype(x.dtype))
-    y = ConvBNReLU(self.channels, 3, dtype=self.dtype, conv_impl=self.conv_impl,
-                   name="bottleneck")(jnp.concatenate(outs, -1), train)
-    y = dropout2d(0.1, deterministic=not train)(y)
-    return _seg_conv(self.num_classes, "conv_seg")(y.astype(jnp.float32))
+    y = self._conv_module(3, "bottleneck")(jnp.concatenate(outs, -1), train)
+    return self._classify(y, train)
 
 
-class FCNHead(nn.Module):
+class FCNHead(_SegHead):
   """Auxiliary FCN head (one 3x3 ConvModule). x: [N, h, w, C] -> float32[N, h, w, num_classes]."""
-  channels: int
-  num_classes: int
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    y = ConvBNReLU(self.channels, 3, dtype=self.dtype, conv_impl=self.conv_impl, name="conv")(x, train)
-    y = dropout2d(0.1, deterministic=not train)(y)
-    return _seg_conv(self.num_classes, "conv_seg")(y.astype(jnp.float32))
+    return self._classify(self._conv_module(3, "conv")(x, train), train)
 
 
-class PSPNet(nn.Module):
+class PSPNet(NetModule):
   """Backbone + PSPHead + auxiliary FCNHead (docs/reference.md §4).
 
   Attributes:
@@ -153,10 +153,8 @@ class PSPNet(nn.Module):
   width: float = 1.0
   num_classes: int = 2
   b7_dilation: int = 4
-  dtype: Any = jnp.float32
   backbone_name: str = "resnet38"
   backbone_bn_frozen: bool = False
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:

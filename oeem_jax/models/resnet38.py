@@ -50,6 +50,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax.linen import kw_only_dataclasses
 
 # PyTorch's default Conv2d/Linear weight init: kaiming_uniform_(a=sqrt(5)) == U(+-1/sqrt(fan_in)).
 torch_default_init = nn.initializers.variance_scaling(1.0 / 3.0, "fan_in", "uniform")
@@ -201,7 +202,58 @@ def dropout2d(rate: float, *, deterministic: bool) -> nn.Dropout:
   return nn.Dropout(rate, broadcast_dims=(1, 2), deterministic=deterministic, rng_collection="dropout")
 
 
-class BasicBlock(nn.Module):
+def _kw_only(default: Any) -> Any:
+  """A keyword-only module field: flax puts it behind the subclass's own (maybe required) fields."""
+  return kw_only_dataclasses.field(default=default, kw_only=True)
+
+
+class NetModule(nn.Module):
+  """Base of the networks' modules: the compute settings a module hands down to its submodules.
+
+  The fields are keyword-only, so a subclass declares its own positional fields (with or without
+  defaults) as usual, and callers always pass these by name.
+
+  Attributes:
+    dtype: compute dtype (float32 or bfloat16); parameters stay float32.
+    conv_impl: how the convolutions' gradients are computed, one of `CONV_IMPLS` (same numbers).
+  """
+  dtype: Any = _kw_only(jnp.float32)
+  conv_impl: str = _kw_only("auto")
+
+
+class BNNetModule(NetModule):
+  """`NetModule` with BatchNorm layers that can be frozen.
+
+  Attributes:
+    bn_frozen: True = every BN uses its running statistics and never updates them, even when
+      `train=True`; False = batch statistics (and updated running averages) when training.
+  """
+  bn_frozen: bool = _kw_only(False)
+
+  def use_running_average(self, train: bool) -> bool:
+    """Whether the BN layers normalise with their running statistics: when frozen or not training."""
+    return self.bn_frozen or not train
+
+  def shared_kwargs(self) -> dict[str, Any]:
+    """bn_frozen, dtype and conv_impl as keyword arguments, to hand them to a submodule."""
+    return dict(bn_frozen=self.bn_frozen, dtype=self.dtype, conv_impl=self.conv_impl)
+
+
+class _ResNetModule(BNNetModule):
+  """Base of ResNet38 and its blocks: convs and BN -> ReLU in the module's dtype, conv_impl, BN mode."""
+
+  def _conv(self, features: int, kernel: int, *, name: str, stride: int = 1, dilation: int = 1) -> Conv2d:
+    """`conv` (bias-free, PyTorch padding) computed in this module's dtype with its conv_impl."""
+    return conv(features, kernel, stride=stride, dilation=dilation, name=name, dtype=self.dtype,
+                impl=self.conv_impl)
+
+  def _bn_relu(self, x: jax.Array, train: bool, name: str) -> jax.Array:
+    """ReLU(BN(x)), BN named `name` (running statistics when `use_running_average(train)`)."""
+    bn = batch_norm(use_running_average=self.use_running_average(train), name=name, dtype=self.dtype)
+    return nn.relu(bn(x))
+
+
+class BasicBlock(_ResNetModule):
   """Pre-activation basic block (docs/reference.md §2 "Basic block (in, mid, out, s, d1, d)").
 
   a = ReLU(BN(x)); shortcut = x if in == out and stride 1 else 1x1 stride-s conv of a;
@@ -212,27 +264,22 @@ class BasicBlock(nn.Module):
   stride: int = 1
   first_dilation: int = 1
   dilation: int = 1
-  bn_frozen: bool = False
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     """x: [N, H, W, in] -> (y [N, H', W', out], a = ReLU(BN(x)) [N, H, W, in])."""
-    ura = self.bn_frozen or not train
-    cv = functools.partial(conv, dtype=self.dtype, impl=self.conv_impl)
-    a = nn.relu(batch_norm(use_running_average=ura, name="bn_branch2a", dtype=self.dtype)(x))
+    a = self._bn_relu(x, train, "bn_branch2a")
     if x.shape[-1] == self.out and self.stride == 1:
       shortcut = x
     else:
-      shortcut = cv(self.out, 1, stride=self.stride, name="conv_branch1")(a)
-    h = cv(self.mid, 3, stride=self.stride, dilation=self.first_dilation, name="conv_branch2a")(a)
-    h = nn.relu(batch_norm(use_running_average=ura, name="bn_branch2b1", dtype=self.dtype)(h))
-    h = cv(self.out, 3, dilation=self.dilation, name="conv_branch2b1")(h)
+      shortcut = self._conv(self.out, 1, stride=self.stride, name="conv_branch1")(a)
+    h = self._conv(self.mid, 3, stride=self.stride, dilation=self.first_dilation, name="conv_branch2a")(a)
+    h = self._bn_relu(h, train, "bn_branch2b1")
+    h = self._conv(self.out, 3, dilation=self.dilation, name="conv_branch2b1")(h)
     return shortcut + h, a
 
 
-class BottleneckBlock(nn.Module):
+class BottleneckBlock(_ResNetModule):
   """Pre-activation bottleneck (docs/reference.md §2 "Bottleneck block (in, out, d, p)").
 
   a = ReLU(BN(x)); shortcut = conv1x1(out)(a); main = conv1x1(out/4) -> BN -> ReLU -> Dropout2d(p)
@@ -244,28 +291,21 @@ class BottleneckBlock(nn.Module):
   out2: int
   dilation: int
   dropout: float
-  bn_frozen: bool = False
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> tuple[jax.Array, jax.Array]:
     """x: [N, H, W, in] -> (y [N, H, W, out], a = ReLU(BN(x)) [N, H, W, in])."""
-    ura = self.bn_frozen or not train
-    cv = functools.partial(conv, dtype=self.dtype, impl=self.conv_impl)
-    a = nn.relu(batch_norm(use_running_average=ura, name="bn_branch2a", dtype=self.dtype)(x))
-    shortcut = cv(self.out, 1, name="conv_branch1")(a)
-    h = cv(self.out4, 1, name="conv_branch2a")(a)
-    h = nn.relu(batch_norm(use_running_average=ura, name="bn_branch2b1", dtype=self.dtype)(h))
-    h = dropout2d(self.dropout, deterministic=not train)(h)
-    h = cv(self.out2, 3, dilation=self.dilation, name="conv_branch2b1")(h)
-    h = nn.relu(batch_norm(use_running_average=ura, name="bn_branch2b2", dtype=self.dtype)(h))
-    h = dropout2d(self.dropout, deterministic=not train)(h)
-    h = cv(self.out, 1, name="conv_branch2b2")(h)
+    a = self._bn_relu(x, train, "bn_branch2a")
+    shortcut = self._conv(self.out, 1, name="conv_branch1")(a)
+    h = self._conv(self.out4, 1, name="conv_branch2a")(a)
+    h = dropout2d(self.dropout, deterministic=not train)(self._bn_relu(h, train, "bn_branch2b1"))
+    h = self._conv(self.out2, 3, dilation=self.dilation, name="conv_branch2b1")(h)
+    h = dropout2d(self.dropout, deterministic=not train)(self._bn_relu(h, train, "bn_branch2b2"))
+    h = self._conv(self.out, 1, name="conv_branch2b2")(h)
     return shortcut + h, a
 
 
-class ResNet38(nn.Module):
+class ResNet38(_ResNetModule):
   """ResNet-38d backbone (docs/reference.md §2), output stride 8.
 
   Attributes:
@@ -278,9 +318,6 @@ class ResNet38(nn.Module):
   """
   width: float = 1.0
   b7_dilation: int = 2
-  bn_frozen: bool = False
-  dtype: Any = jnp.float32
-  conv_impl: str = "auto"
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -300,9 +337,9 @@ class ResNet38(nn.Module):
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"ResNet38 expects NHWC RGB input [N, H, W, 3], got shape {x.shape}")
     ch = lambda c: scaled_channels(c, self.width)  # noqa: E731
-    kw = dict(bn_frozen=self.bn_frozen, dtype=self.dtype, conv_impl=self.conv_impl)
+    kw = self.shared_kwargs()
     x = x.astype(self.dtype)
-    x = conv(ch(64), 3, name="conv1a", dtype=self.dtype, impl=self.conv_impl)(x)
+    x = self._conv(ch(64), 3, name="conv1a")(x)
     x, _ = BasicBlock(ch(128), ch(128), stride=2, name="b2", **kw)(x, train)
     x, _ = BasicBlock(ch(128), ch(128), name="b2_1", **kw)(x, train)
     x, _ = BasicBlock(ch(128), ch(128), name="b2_2", **kw)(x, train)
@@ -319,6 +356,4 @@ class ResNet38(nn.Module):
                                **kw)(x, train)
     x, _ = BottleneckBlock(ch(4096), ch(1024), ch(2048), dilation=self.b7_dilation, dropout=0.5,
                            name="b7", **kw)(x, train)
-    out = nn.relu(batch_norm(use_running_average=self.bn_frozen or not train, name="bn7",
-                             dtype=self.dtype)(x))
-    return {"b5_in": b5_in, "b6_in": b6_in, "out": out}
+    return {"b5_in": b5_in, "b6_in": b6_in, "out": self._bn_relu(x, train, "bn7")}
