@@ -267,6 +267,10 @@ def next_steps(summary: dict, workdir: str, config_spec: str = "") -> list[str]:
   arg = config_spec.partition(":")[2]
   glas = "--config.data.dir=/path/to/glas"
   lines = []
+  if stage == "pipeline" and "eval" not in summary.get("stages", {}):  # e.g. pipeline.stages=cls,cam
+    return [f"results: {workdir}/ (each stage's summary.json)",
+            "next: the same command without --config.pipeline.stages runs the remaining stages "
+            "(finished ones are skipped)"]
   if stage in ("pipeline", "eval"):
     ev = stage_lib.stage_dir(workdir, "eval")
     lines.append(f"results: {ev}/metrics.json and per_image.csv, predictions in {ev}/predictions/, "

@@ -133,6 +133,13 @@ def test_next_steps_after_export_and_seg_name_the_next_command():
   assert lines == ["results: /w/export/ (summary.json)",
                    "next: python -m oeem_jax.main --config=configs/predict.py --config.predict.model="
                    "/w/export/model --config.predict.inputs='my_images/*.tif' --workdir=OUT"]
+  # A pipeline that stopped before eval (pipeline.stages=cls,cam) names no eval results.
+  lines = next_steps({"stage": "pipeline", "stages": {"cls": {}, "cam": {}}}, "/w", "configs/pipeline.py:cpu")
+  assert lines == ["results: /w/ (each stage's summary.json)",
+                   "next: the same command without --config.pipeline.stages runs the remaining stages "
+                   "(finished ones are skipped)"]
+  assert next_steps({"stage": "pipeline", "stages": {"eval": {"synthetic": True}}}, "/w")[0].startswith(
+      "results: /w/eval/metrics.json")
   lines = next_steps({"stage": "seg"}, "/w", "configs/seg_oeem.py:cpu")
   assert lines[-1] == ("next: python -m oeem_jax.main --config=configs/eval.py:cpu --workdir=/w "
                        "--config.data.dir=/path/to/glas")
