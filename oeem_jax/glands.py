@@ -1,7 +1,9 @@
 """Glands of a predicted mask: per-gland measurements (CSV) and QuPath-compatible GeoJSON.
 
 Glands are the 8-connected components of the binary mask (`oeem_jax.metrics.label_instances`, as
-the GlaS object metrics count them); holes are the 4-connected non-gland components they enclose.
+the GlaS object metrics count them), or with `split_h` > 0 those components with touching glands
+split (`oeem_jax.metrics.split_instances`); holes are the 4-connected non-gland components they
+enclose.
 
 Coordinates (CSV and GeoJSON alike): full-resolution pixels of the input image, origin at the
 top-left *corner* of the top-left pixel, x to the right, y down; pixel (row r, column c) covers
@@ -197,6 +199,11 @@ def csv_text(rows: Sequence[dict[str, Any]]) -> str:
   return buf.getvalue()
 
 
-def label(mask: np.ndarray) -> np.ndarray:
-  """Gland ids of a binary mask: `metrics.label_instances` (int32[H, W], 8-connected)."""
-  return metrics.label_instances(mask)
+def label(mask: np.ndarray, split_h: int = 0) -> np.ndarray:
+  """Gland ids of a binary mask: int32[H, W], 0 = background, 1..K.
+
+  split_h = 0: the 8-connected components (`metrics.label_instances`); > 0: touching glands split
+  by a distance-transform watershed with h-maxima of height `split_h` pixels
+  (`metrics.split_instances`; split glands share a border). Raises ValueError for a bad `split_h`.
+  """
+  return metrics.split_instances(mask, metrics.check_split_h(split_h, "glands.label: split_h"))

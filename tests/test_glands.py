@@ -175,3 +175,24 @@ def test_csv_columns_and_units():
 def test_empty_crop_is_refused():
   with pytest.raises(ValueError, match="non-empty"):
     glands.component_geometry(np.zeros((3, 3), bool))
+
+
+def test_split_h_splits_touching_glands_in_rows_and_geojson():
+  yy, xx = np.mgrid[:80, :130]
+  two = (((yy - 40) ** 2 + (xx - 35) ** 2 <= 400) | ((yy - 40) ** 2 + (xx - 85) ** 2 <= 400)
+         | ((np.abs(yy - 40) <= 4) & (xx >= 35) & (xx <= 85)))
+  np.testing.assert_array_equal(glands.label(two), glands.label(two, split_h=0))
+  assert glands.label(two).max() == 1
+  labels = glands.label(two, split_h=4)
+  rows = glands.measure(labels, mpp=None)
+  assert [r["id"] for r in rows] == [1, 2]
+  assert sum(r["area_px"] for r in rows) == int(two.sum())
+  assert rows[0]["centroid_x"] < 60 < rows[1]["centroid_x"]
+  fc = glands.feature_collection(labels, rows)
+  assert len(fc["features"]) == 2
+  # The two polygons tile the gland pixels exactly (split glands share a border, no gap).
+  parts = [rasterise(f["geometry"], two.shape) for f in fc["features"]]
+  assert not (parts[0] & parts[1]).any()
+  np.testing.assert_array_equal(parts[0] | parts[1], two)
+  with pytest.raises(ValueError, match="split_h"):
+    glands.label(two, split_h=-3)

@@ -296,3 +296,107 @@ def test_object_dice_and_hausdorff_match_slow_reference(seed):
   ref_dice, ref_haus = _slow_object_metrics(s, g)
   assert st.dice == pytest.approx(ref_dice, rel=1e-9)
   assert st.hausdorff == pytest.approx(ref_haus, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------
+# split_instances: distance-transform watershed of touching glands
+# ---------------------------------------------------------------------------------------------
+
+_YY, _XX = np.mgrid[:80, :130]
+
+
+def _disk(cy: int, cx: int, r: int) -> np.ndarray:
+  return (_YY - cy) ** 2 + (_XX - cx) ** 2 <= r * r
+
+
+def _two_disks(r_left: int = 20, r_right: int = 20, neck: int = 4) -> np.ndarray:
+  """Two disks (centres 50 px apart) joined by a bar 2·neck + 1 px thick: a merged gland pair."""
+  bar = (np.abs(_YY - 40) <= neck) & (_XX >= 35) & (_XX <= 85)
+  return (_disk(40, 35, r_left) | _disk(40, 85, r_right) | bar).astype(np.uint8)
+
+
+def test_two_disks_joined_by_a_neck_split_at_a_suitable_h():
+  two = _two_disks()  # peak distance ~20, saddle distance 5 in the neck: dynamic ~15 px
+  assert metrics.label_instances(two).max() == 1
+  np.testing.assert_array_equal(metrics.split_instances(two, 0), metrics.label_instances(two))
+  for h in (2, 4, 8, 14):
+    lab = metrics.split_instances(two, h)
+    assert lab.dtype == np.int32 and lab.max() == 2, h
+    np.testing.assert_array_equal(lab > 0, two > 0)  # pixels unchanged, only the cut
+    left, right = lab[40, 35], lab[40, 85]
+    assert (left, right) == (1, 2), h  # raster order of first pixels: the left disk starts first
+    # The cut lies in the neck: each disk centre's side holds its whole disk minus nothing.
+    assert np.all(lab[_disk(40, 35, 15)] == 1) and np.all(lab[_disk(40, 85, 15)] == 2), h
+  # h above the neck's dynamic (but below the peak): one gland. The two peaks tie exactly, which
+  # skimage's h_maxima alone would keep as two markers; split_instances merges them.
+  for h in (17, 19):
+    assert metrics.split_instances(two, h).max() == 1, h
+
+
+def test_unequal_disks_split_by_the_smaller_dynamic():
+  two = _two_disks(r_left=20, r_right=14, neck=3)  # smaller peak ~14, saddle 4: dynamic ~10
+  assert metrics.split_instances(two, 8).max() == 2
+  assert metrics.split_instances(two, 12).max() == 1
+
+
+def test_single_disk_stays_one_instance_for_any_h():
+  one = _disk(40, 60, 25).astype(np.uint8)
+  for h in range(0, 40, 3):
+    np.testing.assert_array_equal(metrics.split_instances(one, h), metrics.label_instances(one))
+
+
+def test_h0_is_label_instances_bit_for_bit():
+  rng = np.random.default_rng(0)
+  for _ in range(5):
+    m = (rng.random((40, 50)) < 0.55).astype(np.uint8)
+    got = metrics.split_instances(m, 0)
+    want = metrics.label_instances(m)
+    assert got.dtype == want.dtype == np.int32
+    np.testing.assert_array_equal(got, want)
+  np.testing.assert_array_equal(metrics.split_instances(PRED, 0), metrics.label_instances(PRED))
+  empty = np.zeros((7, 9), np.uint8)
+  assert metrics.split_instances(empty, 5).dtype == np.int32 and not metrics.split_instances(empty, 5).any()
+
+
+def test_ids_are_consecutive_in_raster_order_and_small_components_keep_theirs():
+  m = _two_disks()
+  m[2:5, 2:5] = 1           # a 3x3 speck, peak distance 2 < h: no marker, keeps its own id
+  m[70:78, 100:128] = 1     # a bar, peak distance 4.0 < h: no marker either
+  lab = metrics.split_instances(m, 6)
+  assert lab.dtype == np.int32
+  ids = np.unique(lab)
+  np.testing.assert_array_equal(ids, np.arange(lab.max() + 1))  # 0..K, no gaps
+  assert lab.max() == 4
+  np.testing.assert_array_equal(lab > 0, m > 0)
+  first = [np.flatnonzero(lab.ravel() == k)[0] for k in range(1, 5)]
+  assert first == sorted(first)
+  assert lab[3, 3] == 1 and np.all(lab[2:5, 2:5] == 1) and np.all(lab[70:78, 100:128] == 4)
+  # Every 8-connected component lies inside one instance or is cut into several: never merged.
+  comps = metrics.label_instances(m)
+  for k in range(1, lab.max() + 1):
+    assert len(np.unique(comps[lab == k])) == 1
+
+
+@pytest.mark.parametrize("h", [-1, 2.5, True, "3", None])
+def test_bad_split_h_raises_naming_it(h):
+  with pytest.raises(ValueError, match=r"split_instances: h: expected an integer"):
+    metrics.split_instances(_two_disks(), h)
+  with pytest.raises(ValueError, match="split_h"):
+    metrics.score_image(PRED, GT, "x", split_h=h)
+  assert metrics.split_instances(_two_disks(), np.int64(4)).max() == 2  # numpy ints are fine
+
+
+def test_split_h_changes_object_metrics_not_pixel_metrics():
+  two = _two_disks()
+  gt = np.zeros(two.shape, np.int32)
+  gt[two > 0] = 1
+  gt[(two > 0) & (_XX > 60)] = 2  # two touching true glands, predicted as one merged object
+  merged = metrics.evaluate_split([two], [gt])
+  split = metrics.evaluate_split([two], [gt], split_h=4)
+  assert merged["pixel"] == split["pixel"]
+  assert merged["object"]["num_pred_objects"] == 1 and split["object"]["num_pred_objects"] == 2
+  assert (merged["object"]["tp"], merged["object"]["fn"]) == (1, 1)
+  assert (split["object"]["tp"], split["object"]["fp"], split["object"]["fn"]) == (2, 0, 0)
+  assert split["object"]["f1"] == 1.0 and merged["object"]["f1"] == pytest.approx(2 / 3)
+  assert split["object"]["dice"] > merged["object"]["dice"]
+
