@@ -37,6 +37,9 @@ def get_config(arg: str | None = None):
   # Post-processing as in eval, areas in model pixels (None = the model's; 0 = off).
   p.min_object_area = config_dict.placeholder(int)
   p.max_hole_area = config_dict.placeholder(int)
+  # Touching glands split for the per-gland CSV / GeoJSON (metrics.split_instances), in model
+  # pixels (None = the model's; 0 = off, glands are the 8-connected components).
+  p.split_h = config_dict.placeholder(int)
   # Large images: core side of a region (px of the input); peak memory per region grows with
   # (region_size x the largest scale)^2, not with the image.
   p.region_size = 4096

@@ -128,7 +128,7 @@ def _loss_kinds() -> tuple[str, ...]:
 
 def _sliding_window_rules(section: str) -> list[Rule]:
   """The rules of the multi-scale sliding-window inference keys that eval.* and predict.* share:
-  scales, window, stride, batch_size and the post-processing areas of `section`."""
+  scales, window, stride, batch_size and the post-processing of `section` (areas, split_h)."""
   return [
       (f"{section}.scales", _scales, "a non-empty tuple of scales > 0, e.g. (0.75, 1.0, 1.25)"),
       (f"{section}.window", _int_at_least(8), "a window side in pixels >= 8"),
@@ -136,6 +136,8 @@ def _sliding_window_rules(section: str) -> list[Rule]:
       (f"{section}.batch_size", _int_at_least(1), "a batch size >= 1"),
       (f"{section}.min_object_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
       (f"{section}.max_hole_area", _int_at_least(0), "an area in pixels >= 0 (0 = off)"),
+      (f"{section}.split_h", _int_at_least(0),
+       "an integer distance in pixels >= 0 (0 = no splitting of touching glands)"),
   ]
 
 

@@ -98,15 +98,17 @@ def _eval_settings(workdir: Path, seg_dir: Path, trained: ml_collections.ConfigD
     used = Path(ev.get("seg_dir") or artifacts.stage_dir(workdir, "seg"))
     same = used.resolve() == seg_dir.resolve() if used.exists() else False
     if ev and same:
-      keys = ("scales", "flip", "window", "stride", "batch_size", "min_object_area", "max_hole_area")
+      keys = ("scales", "flip", "window", "stride", "batch_size", "min_object_area", "max_hole_area",
+              "split_h")
       settings = {k: ev[k] for k in keys if k in ev}
+      settings.setdefault("split_h", 0)  # an eval run from before the key existed
       settings["scales"] = [float(s) for s in settings.get("scales", (1.0,))]
       settings["source"] = str(path)
       return settings, str(ev.get("checkpoint", "latest"))
   seg = trained.get("seg", {})
   return {"scales": [1.0], "flip": True, "window": int(seg.get("eval_window", 320)),
           "stride": int(seg.get("eval_stride", 256)), "batch_size": 8, "min_object_area": 0,
-          "max_hole_area": 0, "source": "defaults (no eval stage in the source workdir)"}, None
+          "max_hole_area": 0, "split_h": 0, "source": "defaults (no eval stage in the source workdir)"}, None
 
 
 def _stain_reference(trained: ml_collections.ConfigDict, data_dir: str) -> tuple[Any, str]:
@@ -420,7 +422,8 @@ def random_model_card(variables: dict[str, Any], *, pixel_size_um: float = 0.62,
                 "std": SEG_STD.tolist(), "stats": None},
       "classes": list(CLASS_NAMES), "pixel_size_um": pixel_size_um,
       "inference": {"scales": [1.0], "flip": flip, "window": TINY_WINDOW, "stride": TINY_STRIDE,
-                    "batch_size": TINY_BATCH, "min_object_area": 0, "max_hole_area": 0, "source": "test"},
+                    "batch_size": TINY_BATCH, "min_object_area": 0, "max_hole_area": 0, "split_h": 0,
+                    "source": "test"},
       "stain_reference": reference,
       "provenance": {"params_digest": params_digest(variables["params"]), "step": 0,
                      "synthetic": True, "data_label": "SYNTHETIC (random test weights)"},

@@ -70,6 +70,9 @@ def test_every_listed_argument_builds_and_others_are_refused():
     (["--config=configs/pipeline.py:demo", "--config.stage_seg.seg.loss_kind=foo"],
      "error: config key stage_seg.seg.loss_kind: 'foo'; expected one of ce, oeem, c_max, c_diff, "
      "lc_mix, ohem"),
+    (["--config=configs/eval.py:cpu", "--config.eval.split_h=-2"],
+     "error: config key eval.split_h: -2; expected an integer distance in pixels >= 0 (0 = no "
+     "splitting of touching glands)"),
     (["--config=configs/pipeline.py:demo", "--config.data.val_count=-1"],
      "error: config key data.val_count: -1; expected an integer >= 0 (0 = no validation images)"),
     # a pipeline key without its stage prefix
@@ -208,3 +211,17 @@ def test_stage_outputs_are_0644_under_umask_022(tmp_path, umask, data_cache, syn
   cfg.data.cache_dir = str(data_cache)
   stages.run_stage(cfg, tmp_path)
   assert ((tmp_path / "prepare" / "summary.json").stat().st_mode & 0o777) == 0o644
+
+
+def test_split_h_is_checked_in_eval_pipeline_and_predict_configs():
+  for name, arg, key in (("eval", None, "eval.split_h"), ("predict", None, "predict.split_h"),
+                         ("pipeline", "demo", "stage_eval.eval.split_h")):
+    c = load_config_file(name).get_config(arg)
+    config_check.validate(c)
+    section = c.stage_eval.eval if name == "pipeline" else c[name]
+    section.split_h = -1
+    with pytest.raises(config_check.ConfigError, match=f"config key {key}: -1; expected an integer"):
+      config_check.validate(c)
+  assert load_config_file("eval").get_config().eval.split_h == 0
+  assert load_config_file("eval").get_config("demo").eval.split_h == 0
+  assert load_config_file("predict").get_config().predict.split_h is None  # None = the model's

@@ -400,3 +400,36 @@ def test_split_h_changes_object_metrics_not_pixel_metrics():
   assert split["object"]["f1"] == 1.0 and merged["object"]["f1"] == pytest.approx(2 / 3)
   assert split["object"]["dice"] > merged["object"]["dice"]
 
+
+def test_eval_score_splits_and_rescore_thread_split_h():
+  import importlib.util
+  import types
+  from pathlib import Path
+
+  from oeem_jax.stages import eval as eval_stage
+
+  two = _two_disks()
+  gt = np.zeros(two.shape, np.int32)
+  gt[two > 0] = 1
+  gt[(two > 0) & (_XX > 60)] = 2
+  examples = {"val": [types.SimpleNamespace(name="a", mask=gt)]}
+  preds = {"a": two}
+  r0, _ = eval_stage.score_splits(preds, examples, ["val"])
+  r4, rows = eval_stage.score_splits(preds, examples, ["val"], split_h=4)
+  assert r0["val"]["object"]["num_pred_objects"] == 1 and r4["val"]["object"]["num_pred_objects"] == 2
+  assert rows[0]["num_pred_objects"] == 2 and rows[0]["split"] == "val"
+  # launch/rescore_predictions.py: one row per (area, h, split), the h reaching the object metrics.
+  path = Path(__file__).resolve().parents[1] / "launch" / "rescore_predictions.py"
+  spec = importlib.util.spec_from_file_location("rescore_predictions_under_test", path)
+  rescore = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(rescore)
+  speck = two.copy()
+  speck[2:5, 2:5] = 1  # a 9-pixel false positive, removed at area 500
+  out = rescore.rescore({"a": speck}, examples, ["val"], areas=[0, 500], split_hs=[0, 4])
+  assert [(r["area"], r["split_h"]) for r in out] == [(0, 0), (0, 4), (500, 0), (500, 4)]
+  assert [r["object"]["num_pred_objects"] for r in out] == [2, 3, 1, 2]
+  assert out[0]["pixel"] == out[1]["pixel"] and out[2]["pixel"] == out[3]["pixel"]
+  assert out[3]["object"]["f1"] == 1.0
+  assert "  4 val" in rescore.format_row(out[1])
+  with pytest.raises(ValueError, match="--split_h"):
+    rescore.rescore(preds, examples, ["val"], areas=[0], split_hs=[-2])

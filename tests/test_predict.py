@@ -23,7 +23,7 @@ from skimage.draw import polygon as fill_polygon
 from skimage.morphology import dilation
 from skimage.segmentation import find_boundaries
 
-from oeem_jax import config_base, images, inference, model_folder, regions, stages, stain, train
+from oeem_jax import config_base, images, inference, metrics, model_folder, regions, stages, stain, train
 from oeem_jax.config_base import load_config_file
 from oeem_jax.config_check import ConfigError
 from oeem_jax.data import synthetic
@@ -341,7 +341,8 @@ def test_bad_models_and_inputs_are_named(tiny, tmp_path):
   # the model's window: only known once the model card is read.
   for key, value, error in [("stride", 100, images.InputError), ("scales", (), ConfigError),
                             ("region_size", 4, ConfigError), ("input_mpp", -1.0, ConfigError),
-                            ("min_object_area", -5, ConfigError), ("inputs", "", images.InputError)]:
+                            ("min_object_area", -5, ConfigError), ("split_h", -1, ConfigError),
+                            ("inputs", "", images.InputError)]:
     c = predict_config(folder, tmp_path / "x.png")
     c.predict[key] = value
     with pytest.raises(error, match=f"config key predict.{key}"):
@@ -377,12 +378,21 @@ def test_export_then_predict_equals_eval(tiny, tmp_path, data_cache):
   ev.eval.window, ev.eval.stride, ev.eval.batch_size = WINDOW, STRIDE, BATCH
   ev.eval.scales, ev.eval.flip = (1.0, 1.25), True
   ev.eval.min_object_area = ev.eval.max_hole_area = 30
+  ev.eval.split_h = 1  # small enough to split some of the random network's small blobs
   ev.eval.overlays = False
   stages.run_stage(ev, workdir)
+  m = json.loads((workdir / "eval" / "metrics.json").read_text())
+  assert m["split_h"] == 1
+  # Eval scored the split instances of its saved masks (the masks are the post-processed ones).
+  saved = [np.asarray(Image.open(f)) > 0 for f in sorted((workdir / "eval" / "predictions").glob("*.png"))]
+  num_split = sum(int(metrics.split_instances(a, 1).max()) for a in saved)
+  assert num_split > sum(int(metrics.label_instances(a).max()) for a in saved)  # splitting matters
+  assert m["splits"]["test_a"]["object"]["num_pred_objects"] == num_split
   ex = load_config_file("export").get_config()
   s = stages.run_stage(ex, workdir)
   card = json.loads((workdir / "export" / "model" / "model.json").read_text())
   assert card["inference"]["scales"] == [1.0, 1.25] and card["inference"]["min_object_area"] == 30
+  assert card["inference"]["split_h"] == 1  # travels with the model like the areas
   assert card["provenance"]["checkpoint"] == "best" and card["provenance"]["step"] == 1
   assert card["provenance"]["params_digest"] == train.params_digest(variables["params"])
   assert card["provenance"]["synthetic"] is True and "SYNTHETIC" in card["provenance"]["data_label"]
@@ -398,6 +408,7 @@ def test_export_then_predict_equals_eval(tiny, tmp_path, data_cache):
   folder = synthetic.ensure_synthetic_glas(data_cache, 12, 4)
   tests = sorted(p for p in folder.glob("testA_*.png") if "_anno" not in p.name)
   assert tests
+  num_rows = 0
   for model_spec, out in ((workdir / "export" / "model", tmp_path / "p1"), (workdir, tmp_path / "p2")):
     p = stages.run_stage(predict_config(model_spec, folder / "testA_*[0-9].png"), out)
     assert p["exit_status"] == 0 and p["num_done"] == len(tests)
@@ -405,3 +416,31 @@ def test_export_then_predict_equals_eval(tiny, tmp_path, data_cache):
       mine = np.asarray(Image.open(out / "predict" / "masks" / f"{t.stem}.png"))
       theirs = np.asarray(Image.open(workdir / "eval" / "predictions" / f"{t.stem}.png"))
       np.testing.assert_array_equal(mine, theirs)
+      # The per-gland CSV holds the split instances of the mask (split_h 1 from the model card).
+      rows = (out / "predict" / "glands" / f"{t.stem}.csv").read_text().strip().splitlines()[1:]
+      num_rows += len(rows)
+      assert len(rows) == int(metrics.split_instances(mine > 0, 1).max())
+    assert p["settings"]["split_h"] == 1
+  assert num_rows == 2 * num_split
+
+
+def test_split_h_setting_defaults_for_older_cards_and_scales_as_a_length(tiny):
+  *_, folder = tiny
+  card = json.loads((folder / "model.json").read_text())
+  assert card["inference"]["split_h"] == 0
+  del card["inference"]["split_h"]  # a model folder exported before the key existed
+  cfg = predict_config(folder, "x.png").predict
+  assert predict_stage.inference_settings(cfg, card)["split_h"] == 0
+  card["inference"]["split_h"] = 6
+  assert predict_stage.inference_settings(cfg, card)["split_h"] == 6
+  cfg.split_h = 2  # the config key wins over the card
+  assert predict_stage.inference_settings(cfg, card)["split_h"] == 2
+  cfg.split_h = -4
+  with pytest.raises(images.InputError, match="predict.split_h"):
+    predict_stage.inference_settings(cfg, card)
+  # Model pixels -> input pixels: a length, divided by the rescale factor (areas by its square).
+  assert predict_stage.split_h_input(0, 0.5) == 0
+  assert predict_stage.split_h_input(22, 1.0) == 22
+  assert predict_stage.split_h_input(22, 0.5) == 44   # input at twice the model's resolution
+  assert predict_stage.split_h_input(22, 4.0) == 6    # 5.5 rounds to 6
+  assert predict_stage.split_h_input(1, 8.0) == 1     # never turned off by a coarse input

@@ -8,10 +8,13 @@ WORKDIR/eval/:
 * `predictions/<name>.png`: the predicted gland mask, 0 = non-gland, 255 = gland (argmax of the
   averaged probabilities; with `eval.min_object_area` / `eval.max_hole_area` > 0, small gland
   objects removed and small holes filled, `inference.remove_small_regions`);
-* `overlays/<name>.png`: the image with the gland contours of the prediction (green) and of the
-  ground truth (blue);
+* `overlays/<name>.png`: the image with the gland contours of the prediction (green; with
+  `eval.split_h` > 0 also the cuts between split glands) and of the ground truth (blue);
 * `metrics.json`: pixel metrics (one dataset-wide confusion matrix) and GlaS object metrics for
-  every split in `eval.splits` (default test, test_a, test_b; `oeem_jax.metrics.evaluate_split`);
+  every split in `eval.splits` (default test, test_a, test_b; `oeem_jax.metrics.evaluate_split`;
+  `val` scores the validation carve-out, for choosing post-processing settings without the test
+  set). Predicted objects are the 8-connected components of the mask, or with `eval.split_h` > 0
+  those components with touching glands split (`oeem_jax.metrics.split_instances`);
 * `per_image.csv`: one row per image with its split.
 
 The network is jitted once for a fixed window batch, so the number of compiles does not grow with
@@ -29,18 +32,22 @@ from absl import logging
 
 from oeem_jax import artifacts, inference, io_utils, metrics
 
+SPLIT_H_EXPECTED = "an integer distance in pixels >= 0 (0 = no splitting of touching glands)"
 # Contour colours on the overlays (RGB).
 PRED_COLOUR = (0, 255, 0)
 TRUE_COLOUR = (0, 64, 255)
 
 
-def overlay_contours(image: np.ndarray, pred: np.ndarray, gt_instances: np.ndarray) -> np.ndarray:
+def overlay_contours(image: np.ndarray, pred: np.ndarray, gt_instances: np.ndarray,
+                     split_h: int = 0) -> np.ndarray:
   """Draws gland contours of a prediction and of the ground truth on an image.
 
   Args:
     image: uint8[H, W, 3] RGB.
     pred: uint8/bool[H, W] binary prediction (1 = gland).
     gt_instances: int[H, W] ground-truth instance ids (0 = background).
+    split_h: the prediction's objects are `metrics.split_instances(pred, split_h)` (0 = its
+      8-connected components), so the cuts between split glands are drawn too.
 
   Returns:
     uint8[H, W, 3]: prediction boundaries in `PRED_COLOUR`, ground-truth instance boundaries in
@@ -49,7 +56,7 @@ def overlay_contours(image: np.ndarray, pred: np.ndarray, gt_instances: np.ndarr
   from skimage.segmentation import find_boundaries
 
   out = np.array(image, dtype=np.uint8, copy=True)
-  out[find_boundaries(metrics.label_instances(pred > 0), mode="inner")] = PRED_COLOUR
+  out[find_boundaries(metrics.split_instances(pred > 0, split_h), mode="inner")] = PRED_COLOUR
   out[find_boundaries(np.asarray(gt_instances), mode="inner")] = TRUE_COLOUR
   return out
 
@@ -69,14 +76,16 @@ def predict_split(apply_fn, examples, eval_cfg, out_dir: Path, normalize) -> dic
     artifacts.write_prediction(out_dir, ex.name, pred)
     if eval_cfg.overlays:
       io_utils.atomic_write_png(out_dir / "overlays" / f"{ex.name}.png",
-                                overlay_contours(ex.image, pred, ex.mask))
+                                overlay_contours(ex.image, pred, ex.mask,
+                                                 int(eval_cfg.get("split_h", 0))))
     logging.log_every_n_seconds(logging.INFO, "eval: %d/%d images (%s)", 20, k + 1, len(examples),
                                 ex.name)
   return preds
 
 
 def score_splits(preds: dict[str, np.ndarray], split_examples: dict[str, Sequence[Any]],
-                 splits: Sequence[str]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 splits: Sequence[str], *, split_h: int = 0
+                 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
   """Scores predictions per split: each image once, a split's metrics pool its images' counts
   (test = test_a + test_b; `metrics.pool_scores`).
 
@@ -84,6 +93,8 @@ def score_splits(preds: dict[str, np.ndarray], split_examples: dict[str, Sequenc
     preds: image name -> uint8/bool[H, W] 0/1 prediction, for every image of `splits`.
     split_examples: split name -> its `Example`s (`mask`: int[H, W] instance ids).
     splits: the splits to report, in order.
+    split_h: predicted objects are `metrics.split_instances(pred, split_h)` (pixels; 0 = the
+      8-connected components).
 
   Returns:
     (split -> {"pixel": ..., "object": ...} pooled metrics, per-image rows: one per image with the
@@ -96,7 +107,7 @@ def score_splits(preds: dict[str, np.ndarray], split_examples: dict[str, Sequenc
   for s in splits:
     for ex in split_examples[s]:
       if ex.name not in scores:
-        scores[ex.name] = metrics.score_image(preds[ex.name], ex.mask, ex.name)
+        scores[ex.name] = metrics.score_image(preds[ex.name], ex.mask, ex.name, split_h=split_h)
   results, rows = {}, {}
   for s in splits:
     r = metrics.pool_scores([scores[e.name] for e in split_examples[s]])
@@ -126,7 +137,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   Raises:
     FileNotFoundError: no segmenter checkpoint (or network card) in `eval.seg_dir`.
     ValueError: an unknown split name in `eval.splits`, or a negative `eval.min_object_area` /
-      `eval.max_hole_area`.
+      `eval.max_hole_area` / `eval.split_h` (ConfigError naming the key).
   """
   from oeem_jax import train
   from oeem_jax.data import glas
@@ -138,6 +149,12 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
     if int(eval_cfg[key]) < 0:
       from oeem_jax.config_check import ConfigError
       raise ConfigError(f"eval.{key}", repr(eval_cfg[key]), "an area in pixels >= 0 (0 = off)")
+  split_h = eval_cfg.get("split_h", 0)
+  try:
+    split_h = metrics.check_split_h(split_h, "eval.split_h")
+  except ValueError:
+    from oeem_jax.config_check import ConfigError
+    raise ConfigError("eval.split_h", repr(split_h), SPLIT_H_EXPECTED) from None
   seg_dir = artifacts.upstream_dir(stage_dir, "seg", eval_cfg.seg_dir)
   variables, step = train.load_variables(seg_dir, eval_cfg.checkpoint)
   digest = train.params_digest(variables["params"])  # equals the training summary's for "latest"
@@ -161,10 +178,10 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
       wanted.setdefault(ex.name, ex)
   preds = predict_split(apply_fn, list(wanted.values()), eval_cfg, stage_dir, normalize)
 
-  results, rows = score_splits(preds, data.splits, splits)
+  results, rows = score_splits(preds, data.splits, splits, split_h=split_h)
   io_utils.atomic_write_json(artifacts.eval_metrics_path(stage_dir), {
       "synthetic": data.synthetic, "source": data.source, "checkpoint_step": step,
-      "checkpoint_dir": str(seg_dir), "splits": results})
+      "checkpoint_dir": str(seg_dir), "split_h": split_h, "splits": results})
   metrics.write_per_image_csv(stage_dir / "per_image.csv", rows,
                               fields=("split",) + metrics.PER_IMAGE_FIELDS)
   table = headline(results, synthetic=data.synthetic)

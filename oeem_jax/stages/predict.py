@@ -41,12 +41,15 @@ from oeem_jax import glands, images, inference, io_utils, regions, stain
 from oeem_jax.images import InputError
 
 SETTING_KEYS = ("scales", "flip", "window", "stride", "batch_size", "min_object_area",
-                "max_hole_area")
+                "max_hole_area", "split_h")
+# Values of settings that model cards written before the key existed lack (same results as then).
+CARD_DEFAULTS = {"split_h": 0}
 FAILED_EXIT_STATUS = 2
 
 
 def inference_settings(cfg: ml_collections.ConfigDict, card: dict[str, Any]) -> dict[str, Any]:
-  """The inference settings: each `predict.<key>` that is set, else the model card's.
+  """The inference settings: each `predict.<key>` that is set, else the model card's (for a key
+  older model cards lack, `CARD_DEFAULTS`).
 
   Raises:
     InputError: a value out of range (named by its config key).
@@ -55,13 +58,13 @@ def inference_settings(cfg: ml_collections.ConfigDict, card: dict[str, Any]) -> 
   out = {}
   for key in SETTING_KEYS:
     value = cfg.get(key)
-    out[key] = rec.get(key) if value is None else value
+    out[key] = rec.get(key, CARD_DEFAULTS.get(key)) if value is None else value
     if out[key] is None:
       raise InputError(f"config key predict.{key} is unset and the model card has no value for it")
   out["scales"] = [float(s) for s in (out["scales"] if isinstance(out["scales"], (list, tuple))
                                       else [out["scales"]])]
   out["flip"] = bool(out["flip"])
-  for key in ("window", "stride", "batch_size", "min_object_area", "max_hole_area"):
+  for key in ("window", "stride", "batch_size", "min_object_area", "max_hole_area", "split_h"):
     out[key] = int(out[key])
   if not out["scales"] or min(out["scales"]) <= 0:
     raise InputError(f"config key predict.scales is {out['scales']}; expected one or more positive "
@@ -77,7 +80,18 @@ def inference_settings(cfg: ml_collections.ConfigDict, card: dict[str, Any]) -> 
     if out[key] < 0:
       raise InputError(f"config key predict.{key} is {out[key]}; expected an area in pixels >= 0 "
                        "(0 = off)")
+  if out["split_h"] < 0:
+    raise InputError(f"config key predict.split_h is {out['split_h']}; expected a distance in pixels "
+                     ">= 0 (0 = no splitting of touching glands)")
   return out
+
+
+def split_h_input(split_h: int, rescale: float) -> int:
+  """`split_h` (model pixels, a length) in input pixels: split_h / rescale rounded, at least 1 when
+  split_h > 0 (so a coarse input does not turn the splitting off)."""
+  if split_h <= 0:
+    return 0
+  return max(1, int(round(split_h / rescale)))
 
 
 def pixel_size(source: images.ImageSource, input_mpp: float) -> images.PixelSize:
@@ -229,7 +243,7 @@ def predict_file(loaded, apply_fn, path: Path, name: str, settings: dict[str, An
     areas = {k: int(round(settings[k] / (rescale * rescale))) for k in ("min_object_area", "max_hole_area")}
     if areas["min_object_area"] > 0 or areas["max_hole_area"] > 0:
       mask = inference.remove_small_regions(mask, **areas)
-    labels = glands.label(mask)
+    labels = glands.label(mask, split_h=split_h_input(settings["split_h"], rescale))
     rows = glands.measure(labels, px.mpp)
     gland_px = int(np.count_nonzero(mask))
     factor = images.downsample_factor(h, w, int(cfg.overlay_max_side))
