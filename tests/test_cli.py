@@ -222,6 +222,8 @@ def test_split_h_is_checked_in_eval_pipeline_and_predict_configs():
     section.split_h = -1
     with pytest.raises(config_check.ConfigError, match=f"config key {key}: -1; expected an integer"):
       config_check.validate(c)
+  # The paper's eval keeps the plain 8-connected objects; the CPU settings split (docs/evaluation.md).
   assert load_config_file("eval").get_config().eval.split_h == 0
+  assert load_config_file("eval").get_config("cpu").eval.split_h == 22
   assert load_config_file("eval").get_config("demo").eval.split_h == 0
   assert load_config_file("predict").get_config().predict.split_h is None  # None = the model's
