@@ -444,3 +444,31 @@ def test_split_h_setting_defaults_for_older_cards_and_scales_as_a_length(tiny):
   assert predict_stage.split_h_input(22, 0.5) == 44   # input at twice the model's resolution
   assert predict_stage.split_h_input(22, 4.0) == 6    # 5.5 rounds to 6
   assert predict_stage.split_h_input(1, 8.0) == 1     # never turned off by a coarse input
+
+
+def test_overlay_draws_the_cuts_between_split_glands():
+  # Two discs of radius 12 whose centres are 20 px apart overlap in a neck: one 8-connected
+  # component; split_h 4 cuts it at the neck (the column x = 30, midway between the centres).
+  yy, xx = np.mgrid[:40, :64]
+  mask = (((yy - 20) ** 2 + (xx - 20) ** 2 <= 144) | ((yy - 20) ** 2 + (xx - 40) ** 2 <= 144))
+  mask = mask.astype(np.uint8)
+  split = metrics.split_instances(mask, 4)
+  assert split.max() == 2 and metrics.label_instances(mask).max() == 1
+  cuts = predict_stage.split_cuts(split)
+  assert cuts.any() and not predict_stage.split_cuts(metrics.label_instances(mask)).any()
+  # Cut pixels are gland pixels beside the other gland, all within 2 px of the midline x = 30.
+  assert mask[cuts].all() and np.all(np.abs(np.nonzero(cuts)[1] - 29.5) <= 2)
+  src = images.ArraySource(Path("x.png"), np.full((40, 64, 3), 200, np.uint8),
+                           images.PixelSize(None, "none"), [], "test")
+  green = lambda im: np.all(im == predict_stage.OVERLAY_COLOUR, axis=-1)
+  plain, _ = predict_stage.overlay_and_stain(src, mask, 1)
+  drawn, _ = predict_stage.overlay_and_stain(src, mask, 1, labels=split)
+  assert np.array_equal(green(drawn), green(plain) | cuts)
+  # labels of the unsplit mask draw nothing extra (split_h 0 overlays are unchanged).
+  same, _ = predict_stage.overlay_and_stain(src, mask, 1, labels=metrics.label_instances(mask))
+  assert np.array_equal(same, plain)
+  # Downsampled by 2: the cut is still drawn, within 1 px of the midline (x = 15 at half size).
+  small_plain, _ = predict_stage.overlay_and_stain(src, mask, 2)
+  small, _ = predict_stage.overlay_and_stain(src, mask, 2, labels=split)
+  extra = green(small) & ~green(small_plain)
+  assert extra.any() and np.all(np.abs(np.nonzero(extra)[1] - 14.5) <= 1.5)

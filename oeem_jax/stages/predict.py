@@ -142,8 +142,29 @@ def _write_mask(path_png: Path, path_tif: Path, mask: np.ndarray, large: bool,
 OVERLAY_COLOUR = (0, 255, 0)
 
 
+def split_cuts(labels: np.ndarray) -> np.ndarray:
+  """Pixels on a cut between two touching glands of a split labelling.
+
+  Args:
+    labels: int[H, W] gland ids (0 = background), e.g. `glands.label(mask, split_h)`.
+
+  Returns:
+    bool[H, W]: True where a gland pixel has a 4-neighbour of another gland id (both sides of each
+    cut). All False for 8-connected components (split_h 0), whose glands never touch.
+  """
+  lab = np.asarray(labels)
+  cut = np.zeros(lab.shape, bool)
+  for a, b in (((slice(1, None), slice(None)), (slice(None, -1), slice(None))),
+               ((slice(None), slice(1, None)), (slice(None), slice(None, -1)))):
+    diff = (lab[a] != lab[b]) & (lab[a] > 0) & (lab[b] > 0)
+    cut[a] |= diff
+    cut[b] |= diff
+  return cut
+
+
 def overlay_and_stain(source: images.ImageSource, mask: np.ndarray, factor: int,
-                      colour=OVERLAY_COLOUR) -> tuple[np.ndarray, stain.Accumulator]:
+                      colour=OVERLAY_COLOUR, labels: np.ndarray | None = None
+                      ) -> tuple[np.ndarray, stain.Accumulator]:
   """One pass over the image: the overlay and the stain feature.
 
   Args:
@@ -151,11 +172,15 @@ def overlay_and_stain(source: images.ImageSource, mask: np.ndarray, factor: int,
     mask: uint8/bool[H, W] final gland mask.
     factor: integer downsampling of the overlay (1 = full size).
     colour: contour colour (RGB).
+    labels: optional int32[H, W] gland ids of `mask` (`glands.label(mask, split_h)`): the cuts
+      between split glands (`split_cuts`) are drawn too, as in eval's overlays. None = the
+      components' contours only.
 
   Returns:
     (uint8[H // factor, W // factor, 3] image (block means) with the contours of the gland
     components (`skimage.segmentation.find_boundaries`, "thick": the pixels on both sides of each
-    gland border) in `colour`, the stain accumulator over the whole image).
+    gland border) and the cuts of `labels` (at factor > 1 sampled at each block's centre pixel) in
+    `colour`, the stain accumulator over the whole image).
   """
   from skimage.segmentation import find_boundaries
   from skimage.transform import downscale_local_mean
@@ -167,6 +192,8 @@ def overlay_and_stain(source: images.ImageSource, mask: np.ndarray, factor: int,
     acc.add(image)
     out = np.array(image, np.uint8, copy=True)
     out[find_boundaries(glands.label(mask), mode="thick")] = colour
+    if labels is not None:
+      out[split_cuts(labels)] = colour
     return out, acc
   oh, ow = max(1, h // factor), max(1, w // factor)
   out = np.zeros((oh, ow, 3), np.uint8)
@@ -191,6 +218,12 @@ def overlay_and_stain(source: images.ImageSource, mask: np.ndarray, factor: int,
   if y_end < h:  # rows below the last whole block still count for the stain feature
     acc.add(source.read(y_end, h, 0, w), y_end, 0)
   out[find_boundaries(glands.label(small), mode="thick")] = colour
+  if labels is not None:
+    c = factor // 2  # the centre pixel of each block (the last row/column of blocks may be partial)
+    sampled = np.zeros((oh, ow), np.int64)
+    part = np.asarray(labels)[c::factor, c::factor][:oh, :ow]
+    sampled[:part.shape[0], :part.shape[1]] = part
+    out[split_cuts(sampled) & small] = colour
   return out, acc
 
 
@@ -247,7 +280,7 @@ def predict_file(loaded, apply_fn, path: Path, name: str, settings: dict[str, An
     rows = glands.measure(labels, px.mpp)
     gland_px = int(np.count_nonzero(mask))
     factor = images.downsample_factor(h, w, int(cfg.overlay_max_side))
-    overlay, acc = overlay_and_stain(src, mask, factor)
+    overlay, acc = overlay_and_stain(src, mask, factor, labels=labels)
     check = stain.compare(*acc.result(), loaded.card.get("stain_reference"),
                           float(cfg.stain_z_max)) if cfg.stain_check else \
         {"checked": False, "flagged": False, "message": "colour check off (predict.stain_check)"}
