@@ -280,7 +280,8 @@ def predict_file(loaded, apply_fn, path: Path, name: str, settings: dict[str, An
     rows = glands.measure(labels, px.mpp)
     gland_px = int(np.count_nonzero(mask))
     factor = images.downsample_factor(h, w, int(cfg.overlay_max_side))
-    overlay, acc = overlay_and_stain(src, mask, factor, labels=labels)
+    overlay, acc = overlay_and_stain(src, mask, factor,  # cuts exist only when glands were split
+                                     labels=labels if settings["split_h"] > 0 else None)
     check = stain.compare(*acc.result(), loaded.card.get("stain_reference"),
                           float(cfg.stain_z_max)) if cfg.stain_check else \
         {"checked": False, "flagged": False, "message": "colour check off (predict.stain_check)"}
