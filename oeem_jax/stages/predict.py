@@ -191,9 +191,8 @@ def overlay_and_stain(source: images.ImageSource, mask: np.ndarray, factor: int,
     image = source.read(0, h, 0, w)
     acc.add(image)
     out = np.array(image, np.uint8, copy=True)
-    out[find_boundaries(glands.label(mask), mode="thick")] = colour
-    if labels is not None:
-      out[split_cuts(labels)] = colour
+    # Thick boundaries of the split ids = the components' contours plus both sides of each cut.
+    out[find_boundaries(glands.label(mask) if labels is None else labels, mode="thick")] = colour
     return out, acc
   oh, ow = max(1, h // factor), max(1, w // factor)
   out = np.zeros((oh, ow, 3), np.uint8)
