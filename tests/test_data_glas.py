@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 from PIL import Image
 
 from oeem_jax.config_base import get_base_config
@@ -161,6 +162,36 @@ def test_decoded_examples_are_kept_per_process(tmp_path, monkeypatch):
   assert sorted(reads) == ["test_a", "test_b", "train"] and other.cache_dir != first.cache_dir
   for a, b in zip(other.splits["test"], first.splits["test"]):
     np.testing.assert_array_equal(a.image, b.image)
+
+
+def test_concurrent_prepare_reuses_the_winners_cache(tmp_path, monkeypatch):
+  # Two processes preparing the same fresh cache at once: the first renames its finished copy into
+  # place while the second is still writing; the second's rename then fails (FileExistsError inside
+  # TFDS) and it must reuse the first one's copy instead of crashing. Simulated in one process: the
+  # patched prepare lets "another process" finish first, then runs this builder's own prepare.
+  arrays = _write_tiny(tmp_path / "src")
+  cfg = _cfg(dir=str(tmp_path / "src"), cache_dir=str(tmp_path / "cache"), allow_partial=True)
+  real_generate = glas.Glas._download_and_prepare  # runs inside TFDS's incomplete-folder step
+  calls = []
+
+  def racing_generate(self, *args, **kwargs):
+    calls.append(self.data_dir)
+    if len(calls) == 1:  # the other process, started at the same time, finishes and renames first
+      glas.Glas(data_dir=os.fspath(Path(self.data_dir).parents[1]), expected_counts=TINY,
+                allow_partial=True, validated=True).download_and_prepare(
+          download_config=tfds.download.DownloadConfig(manual_dir=os.fspath(tmp_path / "src"),
+                                                       try_download_gcs=False))
+    return real_generate(self, *args, **kwargs)
+
+  monkeypatch.setattr(glas.Glas, "_download_and_prepare", racing_generate)
+  data = glas.load_splits(cfg)
+  assert len(calls) == 2  # the other process's prepare and this one's
+  assert data.counts()["train"] == 2
+  for e in data.splits["train"] + data.splits["test"]:
+    np.testing.assert_array_equal(e.image, arrays[e.name][0])
+    np.testing.assert_array_equal(e.mask, arrays[e.name][1])
+  leftovers = [p.name for p in Path(data.cache_dir).parent.iterdir()]  # cache_dir = .../glas/<version>
+  assert leftovers == [glas.BUILDER_VERSION]  # the loser's incomplete copy is gone
 
 
 # --------------------------------------------------------------------------- bad input

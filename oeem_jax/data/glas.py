@@ -159,7 +159,8 @@ def build_dataset(folder: str | os.PathLike, root: str | os.PathLike, *,
   """Checks `folder` and builds (or reuses) the prepared TFDS `glas` dataset under `root`.
 
   The TFDS data_dir is `root/tfds/glas-<fingerprint[:16]>`; nothing is written before every check
-  passed. A cache whose fingerprint matches is reused without re-decoding the source; the notes of
+  passed. Processes that prepare the same fresh cache at once are safe: the one that finishes second
+  reuses the first one's copy. A cache whose fingerprint matches is reused without re-decoding the source; the notes of
   its pixel checks (colour conversions, binary masks) are kept beside it in `decode_notes.json` and
   given again (logged and appended to `notes`) on reuse.
 
@@ -192,8 +193,16 @@ def build_dataset(folder: str | os.PathLike, root: str | os.PathLike, *,
     logging.info("Preparing TFDS glas from %s into %s", folder, data_dir)
     tfds.disable_progress_bar()
     builder = Glas(data_dir=os.fspath(data_dir), **builder_kw)
-    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=os.fspath(folder), try_download_gcs=False))
+    try:
+      builder.download_and_prepare(download_config=tfds.download.DownloadConfig(
+          manual_dir=os.fspath(folder), try_download_gcs=False))
+    except FileExistsError:
+      # Another process (a second stage or seed started at the same time on a fresh cache) renamed
+      # its finished copy into place first; TFDS renames a complete folder only, so reuse it.
+      if not (data_dir / "glas" / BUILDER_VERSION / "dataset_info.json").is_file():
+        raise
+      logging.info("Another process prepared %s first; reusing it", data_dir)
+      builder = Glas(data_dir=os.fspath(data_dir), **builder_kw)
     from oeem_jax import io_utils
     io_utils.atomic_write_json(notes_file, decode_notes)
   else:
