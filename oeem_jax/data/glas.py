@@ -160,9 +160,9 @@ def build_dataset(folder: str | os.PathLike, root: str | os.PathLike, *,
 
   The TFDS data_dir is `root/tfds/glas-<fingerprint[:16]>`; nothing is written before every check
   passed. Processes that prepare the same fresh cache at once are safe: the one that finishes second
-  reuses the first one's copy. A cache whose fingerprint matches is reused without re-decoding the source; the notes of
-  its pixel checks (colour conversions, binary masks) are kept beside it in `decode_notes.json` and
-  given again (logged and appended to `notes`) on reuse.
+  reuses the first one's copy. A cache whose fingerprint matches is reused without re-decoding the
+  source; the notes of its pixel checks (colour conversions, binary masks) are kept beside it in
+  `decode_notes.json` and given again (logged and appended to `notes`) on reuse.
 
   Args:
     folder: the GlaS source folder (see `source`).
