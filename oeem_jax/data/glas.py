@@ -187,7 +187,8 @@ def build_dataset(folder: str | os.PathLike, root: str | os.PathLike, *,
   data_dir = Path(root).expanduser() / "tfds" / f"glas-{key}"
   builder_kw = dict(expected_counts=expected, allow_partial=allow_partial, validated=True)
   notes_file = data_dir / "decode_notes.json"
-  if not (data_dir / "glas" / BUILDER_VERSION / "dataset_info.json").is_file():
+  prepared = data_dir / "glas" / BUILDER_VERSION / "dataset_info.json"  # written last by TFDS
+  if not prepared.is_file():
     decode_notes: list[str] = []
     validate_records(records, decode_notes)  # pixel checks before anything is written
     logging.info("Preparing TFDS glas from %s into %s", folder, data_dir)
@@ -199,7 +200,7 @@ def build_dataset(folder: str | os.PathLike, root: str | os.PathLike, *,
     except FileExistsError:
       # Another process (a second stage or seed started at the same time on a fresh cache) renamed
       # its finished copy into place first; TFDS renames a complete folder only, so reuse it.
-      if not (data_dir / "glas" / BUILDER_VERSION / "dataset_info.json").is_file():
+      if not prepared.is_file():
         raise
       logging.info("Another process prepared %s first; reusing it", data_dir)
       builder = Glas(data_dir=os.fspath(data_dir), **builder_kw)
