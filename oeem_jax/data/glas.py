@@ -187,7 +187,7 @@ def build_dataset(folder: str | os.PathLike, root: str | os.PathLike, *,
   data_dir = Path(root).expanduser() / "tfds" / f"glas-{key}"
   builder_kw = dict(expected_counts=expected, allow_partial=allow_partial, validated=True)
   notes_file = data_dir / "decode_notes.json"
-  prepared = data_dir / "glas" / BUILDER_VERSION / "dataset_info.json"  # written last by TFDS
+  prepared = data_dir / "glas" / BUILDER_VERSION / "dataset_info.json"  # there once TFDS renamed it in
   if not prepared.is_file():
     decode_notes: list[str] = []
     validate_records(records, decode_notes)  # pixel checks before anything is written
