@@ -50,8 +50,9 @@ def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str):
     # 4,000 steps fill the 90-minute CPU budget of pipeline.py:cpu_scratch; better than 2,000
     # (docs/results.md).
     c.train.steps = 4000
-    # The CPU eval predicts at scales 0.75-1.25 (configs/eval.py:cpu), so train near them; 112 crops
-    # at 0.5-1.5 also keep more context than the reference's 0.75-3 (docs/results.md, "Choices").
+    # The CPU evals predict at scales 0.75-1.5 (configs/eval.py:cpu and :cpu_scratch), so train near
+    # them; 112 crops at 0.5-1.5 also keep more context than the reference's 0.75-3 (docs/results.md,
+    # "Choices").
     c.seg.scale_min = 0.5
     c.seg.scale_max = 1.5
     c.train.eval_every = 500
