@@ -165,7 +165,7 @@ def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict],
 
 
 def make_torch_run(kind: str, width: float, seed: int = 0, backbone: str = "resnet38") -> Run:
-  """The same step in PyTorch (`oeem_jax.models.torch_reference`; for EfficientNet-Lite0 on
+  """The same step in PyTorch (`oeem_jax.models.torch_reference`; for EfficientNet-Lite on
   `efficientnet_lite_pytorch`), NCHW, float32."""
   import torch  # noqa: PLC0415
 
@@ -176,7 +176,7 @@ def make_torch_run(kind: str, width: float, seed: int = 0, backbone: str = "resn
   torch.manual_seed(seed)
   x = torch.randn(batch, 3, size, size)
   if kind.startswith("cls"):
-    net = ref.TorchEffCAMClassifier() if eff else ref.TorchCAMClassifier(width)
+    net = ref.TorchEffCAMClassifier(variant=backbone) if eff else ref.TorchCAMClassifier(width)
     net.train()
     frozen = []
     for name, m in net.named_modules():
@@ -190,7 +190,7 @@ def make_torch_run(kind: str, width: float, seed: int = 0, backbone: str = "resn
     loss_fn = lambda: torch.nn.functional.binary_cross_entropy_with_logits(net(x), y)  # noqa: E731
     opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=1e-3, momentum=0.9)
   else:
-    net = ref.TorchEffPSPNet(width) if eff else ref.TorchPSPNet(width)
+    net = ref.TorchEffPSPNet(width, variant=backbone) if eff else ref.TorchPSPNet(width)
     net.train()
     y = torch.randint(0, 2, (batch, size, size))
 
@@ -271,8 +271,8 @@ def main(argv=None) -> int:
   ap.add_argument("--steps", type=int, default=5, help="timed steps per configuration (>= 5 recommended)")
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--torch", action="store_true", help="also time the PyTorch implementation")
-  ap.add_argument("--backbones", default="resnet38", help="comma list of resnet38, efficientnet_lite0 "
-                  "(EfficientNet-Lite0 has a fixed width: --widths scales only its PSPNet heads)")
+  ap.add_argument("--backbones", default="resnet38", help="comma list of resnet38, efficientnet_lite0, efficientnet_lite1, "
+                  "efficientnet_lite2 (EfficientNet-Lite has a fixed width: --widths scales only its PSPNet heads)")
   ap.add_argument("--depthwise", action="store_true",
                   help="only time EfficientNet-Lite0's depthwise convs (forward + both gradients): XLA's "
                        "grouped convolution vs efficientnet_lite.depthwise_conv (vs torch with --torch)")

