@@ -16,7 +16,11 @@ import numbers
 from typing import Any, Callable, Iterable, Sequence
 
 SPLITS = ("train", "val", "test_a", "test_b", "test")
+# == oeem_jax.models.classifier.BACKBONES (tests/test_efficientnet.py), spelled out so that checking
+# a config imports no jax.
 BACKBONES = ("resnet38", "efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")
+# The ImageNet weights `model.init_checkpoint` can name (each fits only the backbone of its name).
+NAMED_WEIGHTS = tuple(b for b in BACKBONES if b.startswith("efficientnet_lite"))
 DTYPES = ("float32", "bfloat16")
 DISTRIBUTED = ("auto", "on", "off")
 BN_MODES = ("auto", "frozen", "train")
@@ -153,7 +157,7 @@ COMMON: list[Rule] = [
     ("model.backbone", _one_of(BACKBONES), "one of " + ", ".join(BACKBONES)),
     ("model.width", _positive, "a channel multiplier > 0 (1.0 = the paper's network)"),
     ("model.init_checkpoint",
-     lambda v, c: not (isinstance(v, str) and v in BACKBONES[1:]) or v == _get(c, "model.backbone", ""),
+     lambda v, c: not (isinstance(v, str) and v in NAMED_WEIGHTS) or v == _get(c, "model.backbone", ""),
      lambda: "'' (from scratch), a .pth path, or the weight name equal to model.backbone (the named "
              "ImageNet weights fit only their own EfficientNet-Lite variant)"),
     ("model.bn", _one_of(BN_MODES), "one of " + ", ".join(BN_MODES)),

@@ -103,6 +103,10 @@ def test_named_weights_must_match_backbone():
     config_check.check_rules(c, config_check.COMMON)
   c.model.init_checkpoint = "efficientnet_lite2"
   config_check.check_rules(c, [r for r in config_check.COMMON if r[0].startswith("model.")])
+  # The config check's list (no jax import) is the networks' list.
+  from oeem_jax.models import classifier
+  assert config_check.BACKBONES == classifier.BACKBONES
+  assert set(config_check.NAMED_WEIGHTS) == set(import_torch.PRETRAINED)
 
 
 @pytest.mark.parametrize("shape,k,stride,dil", [((2, 9, 11, 5), 3, 1, 1), ((1, 10, 7, 4), 5, 2, 1),

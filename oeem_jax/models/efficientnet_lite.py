@@ -123,9 +123,6 @@ def feature_blocks(variant: str = DEFAULT_VARIANT) -> dict[int, str]:
   return {ends[4] - 1: "stage5", ends[5] - 1: "stage6"}
 
 
-FEATURE_CHANNELS = feature_channels(DEFAULT_VARIANT)
-
-
 def same_pads(size: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
   """TensorFlow 'SAME' padding (before, after) of one spatial axis; output side ceil(size/stride)."""
   out = -(-size // stride)
@@ -301,7 +298,6 @@ class EfficientNetLite(_LiteModule):
     Raises:
       ValueError: x is not NHWC RGB, or an unknown variant.
     """
-    check_variant(self.variant)
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"EfficientNetLite expects NHWC RGB input [N, H, W, 3], got shape {x.shape}")
     x = jax.nn.relu6(self._bn(self._conv(STEM_CHANNELS, 3, "conv_stem", stride=2)(x), train, "bn0"))

@@ -189,11 +189,6 @@ def torch_lite(output_stride: int = 32, pretrained: bool = True,
   return net
 
 
-def torch_lite0(output_stride: int = 32, pretrained: bool = True) -> nn.Module:
-  """`torch_lite(output_stride, pretrained, "efficientnet_lite0")`."""
-  return torch_lite(output_stride, pretrained, "efficientnet_lite0")
-
-
 def lite_features(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
   """{'stage5', 'stage6', 'out'} of `torch_lite`: the outputs of the last blocks of stages 5 and 6
   (found from the torch blocks' own channel counts: every stage starts with a block that changes
@@ -210,9 +205,6 @@ def lite_features(net: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
       feats[names[i]] = x
   feats["out"] = net._swish(net._bn1(net._conv_head(x)))
   return feats
-
-
-lite0_features = lite_features
 
 
 class TorchEffCAMClassifier(nn.Module):
