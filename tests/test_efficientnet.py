@@ -186,6 +186,25 @@ def test_frozen_backbone_bn_mask():
                          np.asarray(vv["batch_stats"]["decode"]["bottleneck"]["bn"]["mean"]))
 
 
+def test_frozen_backbone_same_features_in_train_and_eval_mode():
+  # With frozen BN the backbone is a fixed function of its input: training mode (batch of 2, other
+  # statistics than the running ones) gives the eval-mode features exactly (docs/results.md: the
+  # frozen-BN segmenter's collapse is an optimisation matter, not this).
+  m = E.EfficientNetLite(output_stride=8, variant="efficientnet_lite0", bn_frozen=True)
+  x = jax.random.normal(jax.random.key(0), (2, 40, 40, 3))
+  v = m.init(jax.random.key(1), x, train=False)
+  v = {"params": v["params"], "batch_stats": jax.tree.map(lambda a: a + 0.3, v["batch_stats"])}
+  want = m.apply(v, x, train=False)
+  got, upd = m.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+  jax.tree.map(np.testing.assert_array_equal, got, want)
+  jax.tree.map(np.testing.assert_array_equal, upd["batch_stats"], v["batch_stats"])
+  # Not vacuous: BN in training mode (not frozen) gives other features on the same variables.
+  m_train = E.EfficientNetLite(output_stride=8, variant="efficientnet_lite0", bn_frozen=False)
+  other, _ = m_train.apply(v, x, train=True, mutable=["batch_stats"], rngs={"dropout": jax.random.key(2)})
+  assert any(not np.allclose(np.asarray(a), np.asarray(b))
+             for a, b in zip(jax.tree.leaves(other), jax.tree.leaves(want)))
+
+
 def test_bn_mode_and_backbone_keys():
   from oeem_jax import config_base
   from oeem_jax.models import bn_frozen
