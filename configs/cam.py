@@ -7,7 +7,10 @@ Reads the classifier from W/cls (best checkpoint by validation CAM mIoU; the net
 W/cls/network.json), writes W/cam/pseudo_masks/<name>.png (0/1) and previews (0/255), and reports
 the CAM and pseudo-mask mIoU on the training images (paper Table 2).
 
-Arg `cpu` (EfficientNet-Lite0 classifier): scale 1 only; `cpu_scratch` (ResNet38 w0.125): scales 1
+`cam.stitch` merges the overlapping tiles: "vote" (the reference's majority vote, the default) or
+"soft" (mean of the tiles' label-masked class probabilities at `cam.stitch_temperature`).
+
+Arg `cpu` (EfficientNet-Lite0 classifier): scale 1 only, soft stitching; `cpu_scratch` (ResNet38 w0.125): scales 1
 and 1.5 (5 sub-tiles per tile instead of 27); `demo`: scales 1 and 1.5 as well.
 """
 
@@ -31,6 +34,10 @@ def add_cam_config(c):
   c.cam.scales = scales.CAM_SCALES  # 1, 1.25, 1.5, 1.75, 2
   c.cam.batch_size = 8             # tiles per jitted call (27 sub-tiles each at the default scales)
   c.cam.splits = "train,val"       # pseudo-masks for all training images
+  # How overlapping tiles (stride 56) merge into the image: "vote" = majority of the tiles' argmax
+  # masks (the reference), "soft" = mean of label-masked softmax(CAM / stitch_temperature).
+  c.cam.stitch = "vote"
+  c.cam.stitch_temperature = 48.0  # CAM logit units; used by "soft" only
   return c
 
 
@@ -41,6 +48,8 @@ def get_config(arg: str | None = None):
   if arg == "cpu":
     # The :cpu classifier (EfficientNet-Lite0, ImageNet weights): single scale (docs/results.md).
     c.cam.scales = (1.0,)
+    # Soft stitching: validation pseudo-mask mIoU 76.87 vs 72.72 by vote (docs/results.md).
+    c.cam.stitch = "soft"
   elif arg in ("cpu_scratch", "demo"):
     # 1 + 4 sub-tiles per tile instead of 27 (docs: CPU run times).
     c.cam.scales = (1.0, 1.5)

@@ -123,12 +123,15 @@ def add_cls_config(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   Keys: epochs (used when train.steps is 0: steps = epochs * floor(num_tiles / batch_size)),
   input_size (tiles are resized to this; 224 in the paper), num_classes, b7_dilation (2 in the
   reference classifier), eval_batch_size (tiles per forward pass at validation),
-  num_eval_images (validation CAMs written to TensorBoard).
+  num_eval_images (validation CAMs written to TensorBoard), stitch / stitch_temperature (how the
+  validation CAM mIoU merges overlapping tiles: "vote" or "soft", as `cam.stitch`; keep the two
+  equal so the best checkpoint is the best for the cam stage).
   """
   c.cls = ml_collections.ConfigDict(dict(
       epochs=20, input_size=224,
       num_classes=2, b7_dilation=2,
       eval_batch_size=64, num_eval_images=3,
+      stitch="vote", stitch_temperature=48.0,
   ))
   return c
 

@@ -24,6 +24,8 @@ NAMED_WEIGHTS = tuple(b for b in BACKBONES if b.startswith("efficientnet_lite"))
 DTYPES = ("float32", "bfloat16")
 DISTRIBUTED = ("auto", "on", "off")
 BN_MODES = ("auto", "frozen", "train")
+# == oeem_jax.data.tiles.STITCH_MODES (tests/test_data_tiles.py): how overlapping tiles merge.
+STITCH_MODES = ("vote", "soft")
 CHECKPOINT_CHOICES = "'best', 'latest' or a step number >= 0"
 
 
@@ -189,6 +191,8 @@ STAGE_RULES: dict[str, list[Rule]] = {
         ("cls.b7_dilation", _int_at_least(1), "a dilation >= 1"),
         ("cls.eval_batch_size", _int_at_least(1), "a batch size >= 1"),
         ("cls.num_eval_images", _int_at_least(0), "a count >= 0"),
+        ("cls.stitch", _one_of(STITCH_MODES), "one of " + ", ".join(STITCH_MODES)),
+        ("cls.stitch_temperature", _positive, "a temperature > 0 (CAM logit units)"),
     ],
     "seg": TRAIN + [
         ("train.steps", _int_at_least(1), "a number of steps >= 1"),
@@ -211,6 +215,8 @@ STAGE_RULES: dict[str, list[Rule]] = {
         ("cam.scales", _scales, "a non-empty tuple of scales > 0, e.g. (1.0, 1.5)"),
         ("cam.batch_size", _int_at_least(1), "a batch size >= 1"),
         ("cam.splits", _splits, "comma-separated names from " + ", ".join(SPLITS)),
+        ("cam.stitch", _one_of(STITCH_MODES), "one of " + ", ".join(STITCH_MODES)),
+        ("cam.stitch_temperature", _positive, "a temperature > 0 (CAM logit units)"),
     ],
     "eval": [
         ("eval.checkpoint", _checkpoint, CHECKPOINT_CHOICES),

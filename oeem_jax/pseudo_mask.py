@@ -14,7 +14,9 @@ Per tile (uint8[112, 112, 3]) and scale s in `scales` (default 1, 1.25, 1.5, 1.7
   6. resize the canvas back to 112 (bilinear, no antialiasing) and sum over the scales.
 Then every class absent from the tile's patch label is set to -inf and the argmax over classes gives
 the tile's pseudo-mask (class 0, non-gland, wins ties and is the answer for an all-zero label). The
-tile masks are merged into whole images by `oeem_jax.data.tiles.stitch_masks` (docs/reference.md §3.7).
+tile masks are merged into whole images by `oeem_jax.data.tiles.stitch_masks` (majority vote,
+docs/reference.md §3.7). The alternative "soft" stitching (`label_masked_softmax`, then
+`oeem_jax.data.tiles.stitch_probabilities`) averages label-masked class probabilities instead of votes.
 
 Resizing choices. All resizes use `jax.image.resize` with `antialias=False` (half-pixel centres,
 taps outside the image dropped and the rest renormalised, like PIL and PyTorch at the borders).
@@ -177,6 +179,38 @@ def label_masked_argmax(cam: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.argmax(masked, axis=-1).astype(jnp.uint8)
 
 
+def label_masked_softmax(cam: jax.Array, labels: jax.Array | None, temperature: float) -> jax.Array:
+  """Per-pixel class probabilities of a tile's CAM over the classes of its patch label.
+
+  softmax(cam / temperature) over the classes present in `labels` (absent ones get probability 0):
+  the soft counterpart of `label_masked_argmax`, whose argmax it shares, for `stitch="soft"`
+  stitching (`oeem_jax.data.tiles.stitch_probabilities`). A tile whose label has one class gets
+  probability 1 for it everywhere; a tile with no present class gets class 0 (non-gland), as in
+  `label_masked_argmax`.
+
+  Args:
+    cam: float[T, H, W, C] scores (CAM logits summed over scales).
+    labels: int/bool[T, C] multi-hot patch labels, or None for no suppression (the "CAM" column).
+    temperature: > 0, in CAM logit units: small values approach one-hot (the majority vote), large
+      ones make two-class tiles nearly neutral beside one-class tiles.
+  Returns:
+    float32[T, H, W, C] probabilities (each pixel sums to 1).
+  Raises:
+    ValueError: temperature <= 0 or labels not [T, C].
+  """
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature!r}")
+  cam = cam.astype(jnp.float32) / temperature
+  if labels is None:
+    return jax.nn.softmax(cam, axis=-1)
+  if labels.ndim != 2 or labels.shape[0] != cam.shape[0] or labels.shape[1] != cam.shape[-1]:
+    raise ValueError(f"labels must be [T={cam.shape[0]}, C={cam.shape[-1]}], got shape {tuple(labels.shape)}")
+  present = jnp.asarray(labels) > 0
+  none = ~present.any(axis=-1, keepdims=True)
+  present = present | (none & (jnp.arange(cam.shape[-1]) == 0))  # no class present -> class 0
+  return jax.nn.softmax(cam, axis=-1, where=present[:, None, None, :])
+
+
 def pseudo_masks(tiles: jax.Array, labels: jax.Array, cam_fn: CamFn, *,
                  scales: Sequence[float] = DEFAULT_SCALES,
                  normalize: Callable[[jax.Array], jax.Array] | None = None,
@@ -197,11 +231,14 @@ def pseudo_masks(tiles: jax.Array, labels: jax.Array, cam_fn: CamFn, *,
 
 @functools.lru_cache(maxsize=16)
 def _jitted(cam_fn: Callable, with_params: bool, scales: tuple[float, ...], normalize: Callable | None,
-            emulate_pil: bool, cam_input: int):
+            emulate_pil: bool, cam_input: int, temperature: float | None):
   def run(params, tiles, labels):
     fn = functools.partial(cam_fn, params) if with_params else cam_fn
     cam = multiscale_cam(tiles, fn, scales=scales, normalize=normalize, emulate_pil=emulate_pil,
                          cam_input=cam_input)
+    if temperature is not None:
+      return (label_masked_softmax(cam, labels, temperature),
+              label_masked_softmax(cam, None, temperature))
     unmasked = jnp.argmax(cam, axis=-1).astype(jnp.uint8)
     return label_masked_argmax(cam, labels), unmasked
   return jax.jit(run)
@@ -211,7 +248,8 @@ def tile_pseudo_masks(tiles: np.ndarray, labels: np.ndarray, cam_fn: Callable, *
                       batch_size: int = 8, scales: Sequence[float] = DEFAULT_SCALES,
                       normalize: Callable[[jax.Array], jax.Array] | None = None,
                       emulate_pil: bool = True, cam_input: int = CAM_INPUT,
-                      return_unmasked: bool = False) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
+                      return_unmasked: bool = False,
+                      temperature: float | None = None) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
   """Pseudo-masks for any number of tiles, in fixed-size jitted batches (the last one padded).
 
   Args:
@@ -223,10 +261,14 @@ def tile_pseudo_masks(tiles: np.ndarray, labels: np.ndarray, cam_fn: Callable, *
     scales, normalize, emulate_pil, cam_input: as in `multiscale_cam`.
     return_unmasked: also return the argmax of the same CAMs without label suppression (the "CAM"
       column of paper Table 2).
+    temperature: None (hard masks, for `stitch_masks`) or > 0: return soft outputs instead,
+      `label_masked_softmax(cam, labels, temperature)` (unmasked: labels None), for
+      `oeem_jax.data.tiles.stitch_probabilities`.
   Returns:
-    uint8[N, 112, 112] pseudo-masks (NumPy), or (pseudo-masks, unmasked argmax) with return_unmasked.
+    uint8[N, 112, 112] pseudo-masks (NumPy), or (pseudo-masks, unmasked argmax) with return_unmasked;
+    with a temperature float32[N, 112, 112, C] probabilities in their place.
   Raises:
-    ValueError: mismatched or malformed shapes, batch_size < 1.
+    ValueError: mismatched or malformed shapes, batch_size < 1, temperature <= 0.
   """
   tiles = np.asarray(tiles)
   labels = np.asarray(labels)
@@ -236,14 +278,18 @@ def tile_pseudo_masks(tiles: np.ndarray, labels: np.ndarray, cam_fn: Callable, *
     raise ValueError(f"labels must be [N={tiles.shape[0]}, C], got shape {labels.shape}")
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  if temperature is not None and not temperature > 0:
+    raise ValueError(f"temperature must be > 0 or None, got {temperature!r}")
   step = _jitted(cam_fn, cam_params is not None, tuple(float(s) for s in scales), normalize, bool(emulate_pil),
-                 int(cam_input))
+                 int(cam_input), None if temperature is None else float(temperature))
   pending = []  # dispatched asynchronously; fetched at the end
   for k, (tb, lb) in padded_batches((tiles, labels), batch_size):
     pending.append((k, step(cam_params, tb, lb)))
   if pending:
     masked = np.concatenate([np.asarray(m)[:k] for k, (m, _) in pending])
     unmasked = np.concatenate([np.asarray(u)[:k] for k, (_, u) in pending])
-  else:
+  elif temperature is None:
     masked = unmasked = np.zeros((0, TILE, TILE), np.uint8)
+  else:
+    masked = unmasked = np.zeros((0, TILE, TILE, labels.shape[1]), np.float32)
   return (masked, unmasked) if return_unmasked else masked

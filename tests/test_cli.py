@@ -227,3 +227,20 @@ def test_split_h_is_checked_in_eval_pipeline_and_predict_configs():
   assert load_config_file("eval").get_config("cpu").eval.split_h == 22
   assert load_config_file("eval").get_config("demo").eval.split_h == 0
   assert load_config_file("predict").get_config().predict.split_h is None  # None = the model's
+
+
+def test_stitch_keys_are_checked_and_the_cpu_classifier_scores_as_the_cam_stage_stitches():
+  c = load_config_file("pipeline").get_config("cpu")
+  config_check.validate(c)
+  # The classifier's best checkpoint is chosen by the same stitching the cam stage then uses.
+  assert c.stage_cls.cls.stitch == c.stage_cam.cam.stitch == "soft"
+  assert c.stage_cls.cls.stitch_temperature == c.stage_cam.cam.stitch_temperature == 48.0
+  # The paper's settings keep the reference's majority vote.
+  assert load_config_file("cam").get_config().cam.stitch == "vote"
+  assert load_config_file("cls").get_config().cls.stitch == "vote"
+  for key, value, expected in (("stitch", "mean", "one of vote, soft"),
+                               ("stitch_temperature", 0.0, "a temperature > 0")):
+    bad = load_config_file("cam").get_config("cpu")
+    bad.cam[key] = value
+    with pytest.raises(config_check.ConfigError, match=f"config key cam.{key}: .*expected {expected}"):
+      config_check.validate(bad)

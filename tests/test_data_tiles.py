@@ -137,3 +137,40 @@ def test_example_tiles_is_tiles_and_labels_of_one_example():
   small = SimpleNamespace(image=image[:20, :20], mask=mask[:20, :20])
   t, labels = tiles.example_tiles(small)  # 112 tiles, stride 56, threshold 0.05: one padded tile, whose
   assert t.shape == (1, 112, 112, 3) and labels.tolist() == [[1, 0]]  # 150 gland pixels are 1.2 % of it
+
+
+def test_stitch_probabilities_hand_example_confident_tile_outweighs_two_uncertain():
+  # 1x1 "tiles" of 3 pixels wide at x = 0, 1, 2 over a 1x4 image: pixel 2 is covered by all three.
+  boxes = np.array([[0, 0], [0, 1], [0, 2]])
+  p_gland = np.array([[[0.4, 0.4]], [[0.4, 0.4]], [[1.0, 1.0]]])[..., None]  # [T, 1, 2, 1]
+  probs = np.concatenate([1 - p_gland, p_gland], axis=-1)
+  # Tiles are 1x2 here: pad to square 2x2 tiles (rows beyond h=1 are dropped by the stitcher).
+  probs = np.concatenate([probs, probs], axis=1)
+  got = tiles.stitch_probabilities(probs, boxes, 1, 4)
+  # pixel 0: tile0 only (0.4) -> 0; pixel 1: tiles 0,1 (0.4, 0.4) -> 0;
+  # pixel 2: tiles 1,2 (0.4, 1.0), mean 0.7 -> 1; pixel 3: tile2 (1.0) -> 1.
+  np.testing.assert_array_equal(got, [[0, 0, 1, 1]])
+  # The majority vote of the same tiles' argmax masks gives pixel 2 a 1:1 tie -> non-gland.
+  np.testing.assert_array_equal(tiles.stitch_masks(probs[..., 1] > 0.5, boxes, 1, 4), [[0, 0, 0, 1]])
+  # An exact tie of probabilities goes to class 0.
+  half = np.full((1, 2, 2, 2), 0.5)
+  np.testing.assert_array_equal(tiles.stitch_probabilities(half, np.array([[0, 0]]), 2, 2), np.zeros((2, 2)))
+
+
+def test_stitch_probabilities_of_one_hot_tiles_is_the_majority_vote():
+  rng = np.random.default_rng(0)
+  h, w = 150, 190
+  boxes = tiles.tile_boxes(h, w, 112, 56)
+  masks = (rng.random((len(boxes), 112, 112)) < 0.5).astype(np.uint8)
+  one_hot = np.eye(2)[masks]
+  np.testing.assert_array_equal(tiles.stitch(one_hot, boxes, h, w, "soft"), tiles.stitch(masks, boxes, h, w, "vote"))
+  np.testing.assert_array_equal(tiles.stitch(masks, boxes, h, w, "vote"), tiles.stitch_masks(masks, boxes, h, w))
+  with pytest.raises(ValueError, match="stitch mode must be one of"):
+    tiles.stitch(masks, boxes, h, w, "mean")
+  with pytest.raises(ValueError, match=r"tile_probs must be \[T, t, t, C\]"):
+    tiles.stitch_probabilities(masks, boxes, h, w)
+
+
+def test_stitch_modes_match_config_check():
+  from oeem_jax import config_check
+  assert config_check.STITCH_MODES == tiles.STITCH_MODES

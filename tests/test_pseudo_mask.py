@@ -238,3 +238,50 @@ def test_bad_shapes_raise():
                                                normalize=_normalize), np.zeros((1, TILE, TILE, 3), np.uint8))
   with pytest.raises(ValueError, match="labels must be"):
     pm.label_masked_argmax(jnp.zeros((2, 4, 4, 2)), jnp.ones((2, 3)))
+
+
+def _np_label_masked_softmax(cam, labels, temperature):
+  """Slow reference: per tile, softmax over the present classes only (class 0 if none)."""
+  out = np.zeros_like(cam, np.float64)
+  for t in range(cam.shape[0]):
+    present = [c for c in range(cam.shape[-1]) if labels[t, c] > 0] or [0]
+    z = cam[t][..., present].astype(np.float64) / temperature
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    out[t][..., present] = z / z.sum(axis=-1, keepdims=True)
+  return out
+
+
+def test_label_masked_softmax_matches_numpy_and_shares_the_argmax():
+  rng = np.random.default_rng(5)
+  cam = rng.normal(0, 20, (5, 7, 7, 2)).astype(np.float32)
+  labels = np.array([[1, 1], [0, 1], [1, 0], [0, 0], [1, 1]], np.uint8)
+  for temperature in (1.0, 48.0):
+    got = np.asarray(pm.label_masked_softmax(jnp.asarray(cam), jnp.asarray(labels), temperature))
+    np.testing.assert_allclose(got, _np_label_masked_softmax(cam, labels, temperature), atol=1e-6)
+    np.testing.assert_array_equal(got.argmax(-1), np.asarray(pm.label_masked_argmax(jnp.asarray(cam), labels)))
+  # Two classes: gland probability = sigmoid((cam_1 - cam_0) / T), worked by hand for one pixel.
+  one = np.array([[[[1.0, 25.0]]]], np.float32)
+  p = np.asarray(pm.label_masked_softmax(jnp.asarray(one), np.array([[1, 1]]), 48.0))[0, 0, 0]
+  np.testing.assert_allclose(p, [1 / (1 + np.exp(0.5)), 1 / (1 + np.exp(-0.5))], rtol=1e-6)
+  assert (got[1, ..., 1] == 1).all() and (got[2, ..., 0] == 1).all() and (got[3, ..., 0] == 1).all()
+  unmasked = np.asarray(pm.label_masked_softmax(jnp.asarray(cam), None, 48.0))
+  np.testing.assert_allclose(unmasked, _np_label_masked_softmax(cam, np.ones_like(labels), 48.0), atol=1e-6)
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    pm.label_masked_softmax(jnp.asarray(cam), labels, 0.0)
+
+
+def test_tile_pseudo_masks_with_temperature_returns_probabilities_of_the_same_masks():
+  tiles = _tiles(3, seed=6)
+  labels = np.array([[1, 1], [0, 1], [1, 1]], np.uint8)
+  params = (jnp.asarray(A), jnp.asarray(BIAS))
+  kw = dict(cam_params=params, batch_size=2, scales=(1.0,), normalize=_normalize, cam_input=112,
+            return_unmasked=True)
+  hard, hard_un = pm.tile_pseudo_masks(tiles, labels, _linear_cam_params, **kw)
+  soft, soft_un = pm.tile_pseudo_masks(tiles, labels, _linear_cam_params, temperature=0.1, **kw)
+  assert soft.shape == soft_un.shape == (3, TILE, TILE, 2) and soft.dtype == np.float32
+  np.testing.assert_allclose(soft.sum(-1), 1.0, atol=1e-6)
+  np.testing.assert_array_equal(soft.argmax(-1), hard)
+  np.testing.assert_array_equal(soft_un.argmax(-1), hard_un)
+  assert (soft[1, ..., 1] == 1).all() and 0 < soft_un[1, ..., 1].min() < 1
+  with pytest.raises(ValueError, match="temperature must be > 0 or None"):
+    pm.tile_pseudo_masks(tiles, labels, _linear_cam_params, cam_params=params, temperature=-1.0)

@@ -185,6 +185,48 @@ def stitch_scores(tile_scores: np.ndarray, boxes: np.ndarray, h: int, w: int) ->
   return (total / count[..., None]).astype(np.float32)
 
 
+STITCH_MODES = ("vote", "soft")
+
+
+def stitch_probabilities(tile_probs: np.ndarray, boxes: np.ndarray, h: int, w: int) -> np.ndarray:
+  """Full-image class map from soft tile outputs: mean class probability over covering tiles, argmax.
+
+  The "soft" stitching of `cam.stitch` / `cls.stitch` (docs/results.md: chosen on the validation
+  images for the `:cpu` recipe). With one-hot tiles it is `stitch_masks`' majority vote; with soft
+  tiles a confident tile (e.g. one whose patch label has one class, probability exactly 0 or 1)
+  outweighs uncertain neighbours.
+
+  Args:
+    tile_probs: float[T, t, t, C] per-tile class probabilities (each pixel sums to 1), e.g.
+      `oeem_jax.pseudo_mask.label_masked_softmax`.
+    boxes: int[T, 2] (y, x) top-left corners.
+    h, w: output size.
+
+  Returns:
+    uint8[h, w] class ids; ties go to the lower class id (non-gland for GlaS), as in `stitch_masks`.
+
+  Raises:
+    ValueError: shape mismatch, or a pixel no tile covers.
+  """
+  tile_probs, boxes = _check_tiles(tile_probs, 4, "tile_probs must be [T, t, t, C]", boxes, h, w)
+  total, _ = _accumulate(tile_probs.astype(np.float64), boxes, h, w)
+  return np.argmax(total, axis=-1).astype(np.uint8)
+
+
+def stitch(tile_out: np.ndarray, boxes: np.ndarray, h: int, w: int, mode: str) -> np.ndarray:
+  """`stitch_masks` (mode "vote": tile_out int[T, t, t] masks) or `stitch_probabilities` (mode
+  "soft": tile_out float[T, t, t, C] probabilities); returns uint8[h, w].
+
+  Raises:
+    ValueError: an unknown mode, or the errors of the function it calls.
+  """
+  if mode == "vote":
+    return stitch_masks(tile_out, boxes, h, w)
+  if mode == "soft":
+    return stitch_probabilities(tile_out, boxes, h, w)
+  raise ValueError(f"stitch mode must be one of {STITCH_MODES}, got {mode!r}")
+
+
 def stitch_masks(tile_masks: np.ndarray, boxes: np.ndarray, h: int, w: int) -> np.ndarray:
   """Full-image 0/1 mask from hard tile masks by majority vote, ties to non-gland (0).
 

@@ -4,7 +4,9 @@ Restores the classifier checkpoint (orbax; `cam.checkpoint`, default the best by
 mIoU) from `cam.cls_dir` (default WORKDIR/cls). For every image of `cam.splits` (default all 85
 training images: train + val) it cuts the 112/56 tile grid, computes each tile's multi-scale CAM
 (`cam.scales`, default 1, 1.25, 1.5, 1.75, 2; docs/reference.md §3), suppresses the classes absent from
-the tile's patch label, takes the argmax and stitches the tiles back (ties to non-gland). Outputs,
+the tile's patch label, takes the argmax and stitches the tiles back (ties to non-gland): by majority
+vote of the tiles' masks (`cam.stitch = "vote"`, the reference) or, "soft", by the mean of their
+label-masked softmax(CAM / `cam.stitch_temperature`) probabilities. Outputs,
 in WORKDIR/cam/:
 
 * `pseudo_masks/<name>.png`: palette PNG, 0 = non-gland, 1 = gland (what the seg stage reads);
@@ -77,6 +79,11 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
 
   tile, stride = int(data_cfg.tile_size), int(data_cfg.tile_stride)
   scales = tuple(float(s) for s in cam_cfg.scales)
+  stitch = str(cam_cfg.stitch)
+  if stitch not in tiles_lib.STITCH_MODES:
+    from oeem_jax.config_check import ConfigError
+    raise ConfigError("cam.stitch", repr(stitch), "one of " + ", ".join(tiles_lib.STITCH_MODES))
+  temperature = float(cam_cfg.stitch_temperature) if stitch == "soft" else None
   conf_cam = np.zeros((2, 2), np.int64)
   conf_pseudo = np.zeros((2, 2), np.int64)
   per_image = []
@@ -87,9 +94,9 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
     masked, unmasked = pseudo_mask.tile_pseudo_masks(
         img_tiles, labels, cam_fn, cam_params=variables, batch_size=int(cam_cfg.batch_size),
         scales=scales, cam_input=network.input_size, return_unmasked=True,
-        normalize=normalize)
-    pseudo = tiles_lib.stitch_masks(masked, boxes, h, w)
-    cam_mask = tiles_lib.stitch_masks(unmasked, boxes, h, w)
+        normalize=normalize, temperature=temperature)
+    pseudo = tiles_lib.stitch(masked, boxes, h, w, stitch)
+    cam_mask = tiles_lib.stitch(unmasked, boxes, h, w, stitch)
     truth = (ex.mask > 0).astype(np.int64)
     c_pseudo = metrics.confusion_matrix(pseudo, truth)
     conf_pseudo += c_pseudo

@@ -17,7 +17,9 @@ its running statistics with gamma/beta frozen and the stem (`conv1a` / `conv_ste
 Validation every `train.eval_every` steps and at the end, on the validation images only (never
 test): tile-label F1 (sigmoid > 0.5 against the true patch labels) and CAM mIoU (single-scale CAM of
 each tile at `cls.input_size`, upsampled to 112, argmax restricted to the tile's true patch label,
-tiles stitched by majority vote (`tiles.stitch_masks`), one confusion matrix over all validation
+tiles stitched as `cls.stitch` says: majority vote (`tiles.stitch_masks`) or, "soft", the mean of
+label-masked softmax(CAM / `cls.stitch_temperature`) (`tiles.stitch_probabilities`), as the cam
+stage's `cam.stitch` does; one confusion matrix over all validation
 images). The best checkpoint by `cam_miou` is kept in WORKDIR/cls/best/; periodic ones in
 WORKDIR/cls/checkpoints/. TensorBoard (WORKDIR/cls/tensorboard) gets training scalars, the
 validation metrics and, per evaluation, panels [image | true mask | CAM gland score | CAM mask] of a
@@ -37,7 +39,7 @@ from absl import logging
 from oeem_jax import losses, metrics, train
 from oeem_jax.data import tiles as tiles_lib
 from oeem_jax.parallel import BatchedApply
-from oeem_jax.pseudo_mask import label_masked_argmax
+from oeem_jax.pseudo_mask import label_masked_argmax, label_masked_softmax
 from oeem_jax.stages import imagenet_init_hook, input_stats
 from oeem_jax.stages._training import StageParts, colour_mask, panel, summary_line, train_stage
 
@@ -92,10 +94,12 @@ class Validator:
     mesh: device mesh; tiles are sharded over its "data" axis.
     num_images: validation images rendered for TensorBoard.
     stats: input normalisation (mean, std) on 0..255 RGB; None = `normalize_cls`'s GlaS statistics.
+    stitch: "vote" or "soft" (`tiles.stitch`); stitch_temperature: the soft mode's temperature.
   """
 
   def __init__(self, model, examples, data_cfg, *, input_size: int, batch_size: int, mesh,
-               num_images: int = 3, stats=None):
+               num_images: int = 3, stats=None, stitch: str = "vote",
+               stitch_temperature: float = 48.0):
     from oeem_jax.data.pipeline import normalize_cls
     self.examples = list(examples)
     self.size, self.stride = int(data_cfg.tile_size), int(data_cfg.tile_stride)
@@ -106,6 +110,10 @@ class Validator:
       self.labels.append(lab)
       self.counts.append(len(t))
     self.num_images = num_images
+    if stitch not in tiles_lib.STITCH_MODES:
+      raise ValueError(f"cls.stitch must be one of {tiles_lib.STITCH_MODES}, got {stitch!r}")
+    self.stitch = stitch
+    temperature = float(stitch_temperature) if stitch == "soft" else None
     size = self.size
 
     def cam_fn(variables, tiles, labels):
@@ -116,7 +124,10 @@ class Validator:
       cam = model.apply(variables, x, method=model.cam).astype(jnp.float32)
       logits = cam.mean(axis=(1, 2))  # the linear head commutes with global average pooling
       cam = jax.image.resize(cam, (n, size, size, cam.shape[-1]), "bilinear", antialias=False)
-      masks = label_masked_argmax(cam, labels)
+      if temperature is None:
+        masks = label_masked_argmax(cam, labels)
+      else:
+        masks = label_masked_softmax(cam, labels, temperature)
       gland_score = jax.nn.sigmoid(cam[..., 1] - cam[..., 0])
       return logits, masks, gland_score
 
@@ -139,7 +150,7 @@ class Validator:
       fn_g += int(np.sum((1 - pred[:, 1]) & true[:, 1]))
       h, w = ex.image.shape[:2]
       boxes = tiles_lib.tile_boxes(h, w, self.size, self.stride)
-      mask = tiles_lib.stitch_masks(masks, boxes, h, w)
+      mask = tiles_lib.stitch(masks, boxes, h, w, self.stitch)
       conf += metrics.confusion_matrix(mask, (ex.mask > 0).astype(np.uint8))
       if idx < self.num_images:
         heat = tiles_lib.stitch_scores(score[..., None], boxes, h, w)[..., 0]
@@ -215,7 +226,8 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   def make_validator(mesh):
     return Validator(model, data.splits["val"], config.data, input_size=input_size,
                      batch_size=int(config.cls.eval_batch_size), mesh=mesh,
-                     num_images=int(config.cls.num_eval_images), stats=stats)
+                     num_images=int(config.cls.num_eval_images), stats=stats,
+                     stitch=str(config.cls.stitch), stitch_temperature=float(config.cls.stitch_temperature))
 
   # Frozen BN: gamma/beta frozen too, and with ImageNet weights the stem (the reference).
   freeze = dict(freeze_stem=pretrained, freeze_bn=True) if model.bn_frozen else None
