@@ -66,9 +66,8 @@ def main(argv):
 
   from oeem_jax import artifacts, inference, io_utils, losses, train
   from oeem_jax.data import glas
-  from oeem_jax.data.pipeline import normalizer
-  from oeem_jax.models import make_segmenter, segmenter_apply_fn
-  from oeem_jax.stages import input_stats, seg
+  from oeem_jax.models import segmenter_apply_fn
+  from oeem_jax.stages import seg, trained_network
 
   seg_dir = Path(_SEG_DIR.value)
   if not (seg_dir / "summary.json").is_file():
@@ -76,13 +75,13 @@ def main(argv):
   for k in _KINDS.value:
     if k not in losses.KINDS:
       raise app.UsageError(f"--kinds: {k!r} is not one of {losses.KINDS}")
-  config = artifacts.training_config(seg_dir, None)
+  config = artifacts.training_config(seg_dir)
   config.data.dir = _DATA_DIR.value
   which = _CHECKPOINT.value if _CHECKPOINT.value in ("latest", "best") else int(_CHECKPOINT.value)
   variables, step = train.load_variables(seg_dir, which)
-  model = make_segmenter(config)
-  apply_fn = segmenter_apply_fn(model, variables)
-  normalize = normalizer("seg", input_stats(config))
+  network = trained_network(seg_dir, "seg")  # the network card, as stage eval rebuilds it
+  apply_fn = segmenter_apply_fn(network.model, variables)
+  normalize = network.normalize
   crop = int(config.seg.crop_size)
   window, stride = int(config.seg.eval_window), int(config.seg.eval_stride)
 

@@ -234,3 +234,42 @@ def test_pretrained_efficientnet_stages_on_synthetic(tmp_path, data_cache):
   assert (data_cache / "pretrained").is_dir() and list((data_cache / "pretrained").glob("*.npz"))
   cam = json.loads((tmp_path / "cam" / "summary.json").read_text())
   assert cam["num_images"] == 12 and 0.0 <= cam["pseudo_mask_miou"] <= 1.0
+
+
+def test_analyse_oeem_script_on_the_demo_segmenter(demo_run, tmp_path):
+  """launch/analyse_oeem.py rebuilds a finished segmenter (network card) and splits the loss on its
+  validation images into right / wrong pseudo-labels; the wrong-label fraction is recomputed here
+  from the pseudo-masks and true masks with NumPy, and plain CE's weights are all 1."""
+  import subprocess
+  import sys
+  from pathlib import Path
+
+  from oeem_jax.data import glas
+
+  workdir, _ = demo_run
+  script = Path(__file__).resolve().parents[1] / "launch" / "analyse_oeem.py"
+  out = tmp_path / "analysis"
+  proc = subprocess.run([sys.executable, str(script), f"--seg_dir={workdir / 'seg'}", "--data_dir=",
+                         f"--out={out}", "--kinds=ce,oeem", "--panels=1"],
+                        capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads((out / "analysis.json").read_text())
+  cfg = ml_collections.ConfigDict(json.loads((workdir / "seg" / "summary.json").read_text())["config"])
+  cfg.data.dir = ""
+  val = glas.load_splits(cfg.data).splits["val"]
+  assert result["images"] == [e.name for e in val] and val  # the stage's validation carve-out
+  wrong = valid = 0
+  for ex in val:
+    labels = artifacts.read_pseudo_mask(artifacts.mask_file(workdir / "cam" / "pseudo_masks", ex.name),
+                                        ex.mask.shape[:2])
+    ok = labels != 255
+    valid += int(ok.sum())
+    wrong += int((ok & (labels != (ex.mask > 0))).sum())
+  ce, oeem = result["pooled"]["ce"], result["pooled"]["oeem"]
+  assert ce["wrong_pixel_fraction"] == pytest.approx(wrong / valid, abs=1e-9)
+  assert oeem["wrong_pixel_fraction"] == ce["wrong_pixel_fraction"]
+  assert ce["loss_share_wrong"] == pytest.approx(ce["ce_share_wrong"], abs=1e-9)
+  assert oeem["ce_share_wrong"] == pytest.approx(ce["ce_share_wrong"], abs=1e-9)
+  if wrong:
+    assert ce["mean_weight_right"] == pytest.approx(1.0) and ce["mean_weight_wrong"] == pytest.approx(1.0)
+  assert (out / "panels.png").is_file() and "written:" in proc.stdout
