@@ -95,7 +95,9 @@ def read_network_card(train_stage_dir: str | Path) -> dict | None:
 
 def training_config(train_stage_dir: str | Path) -> ml_collections.ConfigDict | None:
   """The config a finished training stage ran with (the `config` of its summary.json), or None when
-  the stage has no summary.json. Only for stage folders without a network card (older runs).
+  the stage has no summary.json. Networks are rebuilt from the network card
+  (`stages.trained_network`), which falls back to this for older runs without one; tools that need
+  the stage's other keys (data, crop, pseudo-mask folder; e.g. launch/analyse_oeem.py) read them here.
 
   Raises:
     json.JSONDecodeError / KeyError: a summary.json that is not a stage summary.
