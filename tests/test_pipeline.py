@@ -196,6 +196,7 @@ def test_cpu_configs_use_pretrained_efficientnet_and_scratch_stays_reachable():
   assert _config("seg_oeem", "cpu_scratch").train.steps == 4000       # the previous CPU recipe
   assert _config("cls", "cpu_scratch").train.steps == 1200
   pipe = _config("pipeline", "cpu")
+  assert pipe.stage_cls.train.steps == 800 and pipe.stage_cls.train.eval_every == 200  # results.md
   assert pipe.stage_cls.model.backbone == pipe.stage_seg.model.backbone == "efficientnet_lite0"
   demo = _config("pipeline", "demo")  # a bare install: no ImageNet weights needed
   assert demo.stage_cls.model.backbone == "resnet38" and demo.stage_seg.model.init_checkpoint == ""
