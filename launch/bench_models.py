@@ -25,6 +25,10 @@ Examples:
 XLA variants: 'name=opt=value,opt=value;name2=...' ('base' or an empty spec = no options); the options
 are XLA DebugOptions passed per compilation (`lowered.compile(compiler_options=...)`), so variants
 can be compared in one process. Process-wide flags (XLA_FLAGS, threads) need separate runs.
+
+Like `python -m oeem_jax.main`, the script re-executes itself with glibc's huge-page malloc tunable
+(oeem_jax/malloc_env.py), so it times what the training runs get; `OEEM_MALLOC_HUGETLB=0` times
+glibc's default malloc instead (a separate process: A/B by alternating runs).
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from oeem_jax import malloc_env
 from oeem_jax.models import CAMClassifier, PSPNet, freeze_frozen
 
 
@@ -281,7 +286,8 @@ def main(argv=None) -> int:
     return bench_depthwise(args.steps, args.torch)
 
   print(f"jax {jax.__version__} backend={jax.default_backend()} devices={jax.devices()} "
-        f"cpus={os.cpu_count()} loadavg={os.getloadavg()} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}",
+        f"cpus={os.cpu_count()} loadavg={os.getloadavg()} XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} "
+        f"malloc={malloc_env.status()}",
         flush=True)
   runs: list[Run] = []
   for kind in args.models.split(","):
@@ -320,4 +326,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+  malloc_env.ensure_hugetlb()
   raise SystemExit(main())

@@ -15,6 +15,8 @@ import sys
 from importlib import metadata
 from typing import Any
 
+from oeem_jax import malloc_env
+
 # Distributions whose version can change the numbers (direct dependencies and the transitive ones
 # that compute): recorded in every summary.json and pinned in constraints.txt.
 NUMERIC_PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "tensorflow-cpu",
@@ -87,6 +89,7 @@ def environment() -> dict[str, Any]:
       "cpu": cpu_info(),
       "devices": device_info(),
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "malloc": malloc_env.status(),
       "executable": sys.executable,
       "source": source_commit(),
   }

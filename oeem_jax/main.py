@@ -343,6 +343,10 @@ def main(argv):
 
 
 def run():
+  # Before anything else: may replace this process by itself with glibc's huge-page malloc tunable
+  # (XLA:CPU's per-step buffers; about 1.5x faster on 2 cores, same numbers; oeem_jax/malloc_env.py).
+  from oeem_jax import malloc_env
+  malloc_env.ensure_hugetlb()
   app.run(main, flags_parser=parse_flags)
 
 

@@ -125,6 +125,14 @@ def test_quiet_log_one_banner_and_where_to_go_next(tmp_path, data_cache, synthet
   assert all(any(f" {m}.py:" in line for m in ("__init__", "glas", "loader", "source", "splits",
                                                "prepare", "main", "train"))
              for line in log_lines), log_lines
+  # the entry point re-executed itself with glibc's huge-page tunable where it applies
+  # (oeem_jax/malloc_env.py), and summary.json records what was in force
+  from oeem_jax import malloc_env
+  malloc = json.loads((tmp_path / "prepare" / "summary.json").read_text())["environment"]["malloc"]
+  applies = malloc_env.hugetlb_env({k: v for k, v in os.environ.items() if k != "OEEM_MALLOC_REEXEC"},
+                                   malloc_env.glibc_version(), malloc_env.thp_mode()) is not None
+  assert ("glibc.malloc.hugetlb=1" in malloc["glibc_tunables"]) == (
+      applies or "glibc.malloc.hugetlb=1" in os.environ.get("GLIBC_TUNABLES", "")), malloc
   last = proc.stdout.strip().splitlines()[-2:]
   assert last == [f"results: {tmp_path / 'prepare'}/ (summary.json)",
                   f"next: python -m oeem_jax.main --config=configs/pipeline.py:demo --workdir={tmp_path}"]
