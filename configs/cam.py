@@ -16,7 +16,8 @@ and 1.5 (5 sub-tiles per tile instead of 27); `demo`: scales 1 and 1.5 as well.
 
 import ml_collections
 
-from oeem_jax import config_base, scales
+from oeem_jax.config import base as config_base
+from oeem_jax.config import scales
 
 # What --help lists ({arg: what it selects}); get_config refuses any other argument.
 ARGS = {
@@ -42,6 +43,7 @@ def add_cam_config(c):
 
 
 def get_config(arg: str | None = None):
+  arg = config_base.parse_arg(arg, ARGS, __file__)
   # No model section: the network is rebuilt from the classifier folder's network.json.
   c = config_base.get_base_config("cam")
   add_cam_config(c)
@@ -53,7 +55,4 @@ def get_config(arg: str | None = None):
   elif arg in ("cpu_scratch", "demo"):
     # 1 + 4 sub-tiles per tile instead of 27 (docs: CPU run times).
     c.cam.scales = (1.0, 1.5)
-  elif arg:
-    raise ValueError(f"configs/cam.py: unknown argument {arg!r}; expected nothing, 'cpu', "
-                     "'cpu_scratch' or 'demo'")
   return c

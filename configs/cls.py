@@ -20,7 +20,7 @@ docs/results.md "800 classifier steps").
 1,200 steps, evaluation every 300.
 """
 
-from oeem_jax import config_base
+from oeem_jax.config import base as config_base
 
 # What --help lists ({arg: what it selects}); get_config refuses any other argument.
 ARGS = {
@@ -31,6 +31,7 @@ ARGS = {
 
 
 def get_config(arg: str | None = None):
+  arg = config_base.parse_arg(arg, ARGS, __file__)
   c = config_base.get_base_config("cls")
   config_base.add_model_config(c, width=1.0)
   config_base.add_train_config(c, steps=0, batch_size=20, lr=0.01, weight_decay=0.0, end_lr=0.0,
@@ -54,6 +55,4 @@ def get_config(arg: str | None = None):
     c.train.eval_every = 200
     c.checkpoint.every = 200
     c.cls.stitch = "soft"  # as configs/cam.py:cpu, so the best checkpoint is scored as cam uses it
-  elif arg not in (None, "", "cpu_scratch"):
-    raise ValueError(f"configs/cls.py: unknown argument {arg!r}; expected nothing, 'cpu' or 'cpu_scratch'")
   return c

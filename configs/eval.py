@@ -18,7 +18,8 @@ images); `cpu_scratch` (the ResNet38-from-scratch run): the same with its scales
 
 import ml_collections
 
-from oeem_jax import config_base, scales
+from oeem_jax.config import base as config_base
+from oeem_jax.config import scales
 
 # What --help lists ({arg: what it selects}); get_config refuses any other argument.
 ARGS = {
@@ -49,12 +50,13 @@ def add_eval_config(c):
   c.eval.max_hole_area = 0
   # Object metrics (not in the paper or the reference; 0 = off): touching predicted glands are split
   # by a distance-transform watershed whose markers are the h-maxima of height split_h pixels
-  # (oeem_jax.metrics.split_instances). Pixel metrics do not change.
+  # (oeem_jax.evaluation.metrics.split_instances). Pixel metrics do not change.
   c.eval.split_h = 0
   return c
 
 
 def get_config(arg: str | None = None):
+  arg = config_base.parse_arg(arg, ARGS, __file__)
   # No model section: the network is rebuilt from the segmenter folder's network.json.
   c = config_base.get_base_config("eval")
   add_eval_config(c)
@@ -78,7 +80,4 @@ def get_config(arg: str | None = None):
     c.eval.window = 112
     c.eval.stride = 96
     c.eval.batch_size = 4
-  elif arg:
-    raise ValueError(f"configs/eval.py: unknown argument {arg!r}; expected nothing, 'cpu', "
-                     "'cpu_scratch' or 'demo'")
   return c

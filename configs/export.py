@@ -8,14 +8,13 @@ Writes W/export/model/ (variables/ + model.json); `configs/predict.py` loads it.
 
 import ml_collections
 
-from oeem_jax import config_base
+from oeem_jax.config import base as config_base
 
 ARGS = {"": "no arguments"}  # what --help lists
 
 
 def get_config(arg: str | None = None):
-  if arg:
-    raise ValueError(f"configs/export.py: unknown argument {arg!r}; it takes none")
+  config_base.parse_arg(arg, ARGS, __file__)
   c = config_base.get_base_config("export")
   c.export = ml_collections.ConfigDict()
   c.export.seg_dir = ""          # "" = WORKDIR/seg

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import ml_collections
 
-from oeem_jax import config_base
+from oeem_jax.config import base as config_base
 
 # What --help lists ({arg: what it selects}); get_config refuses any other argument.
 ARGS = {
@@ -39,9 +39,7 @@ def _load(name: str):
 
 
 def get_config(arg: str | None = None):
-  if arg not in (None, "", "cpu", "cpu_scratch", "demo"):
-    raise ValueError(f"configs/pipeline.py: unknown argument {arg!r}; expected nothing, 'cpu', "
-                     "'cpu_scratch' or 'demo'")
+  arg = config_base.parse_arg(arg, ARGS, __file__)
   # The demo needs no ImageNet weights (a bare install): the ResNet38-from-scratch CPU recipe, shorter.
   train_arg = {"cpu": "cpu", "cpu_scratch": "cpu_scratch", "demo": "cpu_scratch"}.get(arg)
   c = config_base.get_base_config("pipeline")

@@ -12,14 +12,13 @@ values (those its workdir's eval stage used).
 import ml_collections
 from ml_collections import config_dict
 
-from oeem_jax import config_base
+from oeem_jax.config import base as config_base
 
 ARGS = {"": "no arguments"}  # what --help lists
 
 
 def get_config(arg: str | None = None):
-  if arg:
-    raise ValueError(f"configs/predict.py: unknown argument {arg!r}; it takes none")
+  config_base.parse_arg(arg, ARGS, __file__)
   c = config_base.get_base_config("predict")
   p = c.predict = ml_collections.ConfigDict()
   p.model = ""                   # model folder (WORKDIR/export/model) or a workdir with seg/
@@ -49,7 +48,7 @@ def get_config(arg: str | None = None):
   p.overlay_max_side = 2048      # overlays are downsampled by an integer factor to at most this
   p.tiff_mask_pixels = 4096 * 4096  # masks of images with more pixels are tiled TIFFs, else PNG
   p.simplify_px = 0.0            # GeoJSON polygon simplification in px (0 = exact pixel outlines)
-  p.stain_check = True           # compare colours with the training images (oeem_jax.stain)
+  p.stain_check = True           # compare colours with the training images (oeem_jax.predict.stain)
   p.stain_z_max = 6.0            # flag an image more than this many std from the training mean
   p.skip_done = True             # a rerun skips images whose record matches input, model, settings
   return c

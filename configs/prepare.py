@@ -3,12 +3,11 @@
     python -m oeem_jax.main --config=configs/prepare.py --config.data.dir=../shared/data/glas --workdir=runs/x
 """
 
-from oeem_jax.config_base import get_base_config
+from oeem_jax.config import base as config_base
 
 ARGS = {"": "no arguments"}  # what --help lists
 
 
 def get_config(arg: str | None = None):
-  if arg:
-    raise ValueError(f"configs/prepare.py: unknown argument {arg!r}; expected none")
-  return get_base_config("prepare")
+  config_base.parse_arg(arg, ARGS, __file__)
+  return config_base.get_base_config("prepare")

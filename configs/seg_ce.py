@@ -7,7 +7,7 @@ Everything else as configs/seg_oeem.py (same arguments).
 
 from pathlib import Path
 
-from oeem_jax.config_base import load_config_file
+from oeem_jax.config.base import load_config_file
 
 ARGS = load_config_file("seg_oeem", Path(__file__).parent).ARGS  # the same arguments (--help)
 

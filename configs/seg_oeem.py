@@ -24,7 +24,7 @@ Note: all seg variants write to WORKDIR/seg; give each its own --workdir (a mism
 there is refused, not resumed).
 """
 
-from oeem_jax import config_base
+from oeem_jax.config import base as config_base
 
 # What --help lists ({arg: what it selects}); get_config refuses any other argument.
 ARGS = {
@@ -35,6 +35,7 @@ ARGS = {
 
 
 def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str):
+  arg = config_base.parse_arg(arg, ARGS, __file__)
   c = config_base.get_base_config("seg")
   config_base.add_model_config(c, width=1.0)
   config_base.add_train_config(c, steps=10_000, batch_size=32, lr=5e-3, weight_decay=5e-4,
@@ -75,8 +76,6 @@ def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str):
     c.train.steps = 1200
     c.train.eval_every = 300
     c.checkpoint.every = 300
-  elif arg not in (None, "", "cpu_scratch"):
-    raise ValueError(f"seg configs: unknown argument {arg!r}; expected nothing, 'cpu' or 'cpu_scratch'")
   return c
 
 

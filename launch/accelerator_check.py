@@ -25,7 +25,7 @@ Parts, in this order (`--parts` picks some):
   that of the lowered module too), achieved TFLOP/s (FLOPs / median step), the fraction of the
   measured matmul peak, peak device memory (XLA's buffer assignment from `memory_analysis()`, and
   `Device.memory_stats()["peak_bytes_in_use"]`, the process's peak so far, where the backend keeps
-  it - GPU/TPU, not CPU), and the dtypes of the convolutions and dots (`oeem_jax.hlo_census`) in the
+  it - GPU/TPU, not CPU), and the dtypes of the convolutions and dots (`launch/hlo_census.py`) in the
   lowered and in the compiled module.
 * `loop` - a real `train.train_loop` run of the seg step (`--loop_dtype`) for `--loop_steps` steps on an
   in-memory synthetic batch stream (4 fixed batches, batch s = s mod 4) with orbax checkpoints at
@@ -65,6 +65,10 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
+
+# hlo_census.py lies beside this script (development code, not part of the package); `python3
+# launch/accelerator_check.py` puts this folder on sys.path already, runpy and importers do not.
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 PARTS = ("matmul", "cls", "seg", "loop")
 DTYPES = ("float32", "bfloat16")
@@ -244,7 +248,7 @@ def build_task(kind: str, dtype: str, *, width: float, batch: int, size: int, se
   import jax.numpy as jnp
   import numpy as np
 
-  from oeem_jax import train
+  from oeem_jax.engine.optim import make_optimizer
   from oeem_jax.models import CAMClassifier, PSPNet, trainable_mask
 
   cfg = PAPER[kind]
@@ -266,7 +270,7 @@ def build_task(kind: str, dtype: str, *, width: float, batch: int, size: int, se
   mask = None
   if kind == "cls":  # reference mode: conv1a and every BN gamma/beta frozen
     mask = trainable_mask(abstract["params"], freeze_stem=True, freeze_bn=True)
-  tx, schedule = train.make_optimizer(cfg["lr"], cfg["steps"], momentum=PAPER["momentum"],
+  tx, schedule = make_optimizer(cfg["lr"], cfg["steps"], momentum=PAPER["momentum"],
                                       weight_decay=cfg["weight_decay"], power=PAPER["power"],
                                       end_lr=cfg["end_lr"], trainable_mask=mask)
 
@@ -287,7 +291,7 @@ def _initial_state(task: dict[str, Any], seed: int):
   import jax
   import numpy as np
 
-  from oeem_jax import train
+  from oeem_jax.engine import train
 
   host = host_variables(task["abstract"], seed)
   # SGD's state starts at zero (momentum buffers, schedule count): made on the host, like the
@@ -299,7 +303,7 @@ def _initial_state(task: dict[str, Any], seed: int):
 
 
 def _census(text: str) -> dict[str, Any]:
-  from oeem_jax import hlo_census
+  import hlo_census  # launch/hlo_census.py, beside this script
 
   out = hlo_census.summarize(hlo_census.matmul_ops(text))
   out["reduce_result_dtypes"] = hlo_census.reduce_result_dtypes(text)
@@ -330,15 +334,17 @@ def time_step(kind: str, dtype: str, *, width: float, batch: int, size: int, ste
   """
   import jax
   import numpy as np
-  from jax.sharding import NamedSharding, PartitionSpec as P
+  from jax.sharding import NamedSharding
+  from jax.sharding import PartitionSpec as P
 
-  from oeem_jax import train
+  from oeem_jax.engine import train
+  from oeem_jax.engine.parallel import make_mesh, replicate, shard_batch
 
   task = build_task(kind, dtype, width=width, batch=batch, size=size, seed=seed, conv_impl=conv_impl)
-  mesh = train.make_mesh()
+  mesh = make_mesh()
   replicated = NamedSharding(mesh, P())
-  state = train.replicate(_initial_state(task, seed), mesh)
-  batch_dev = train.shard_batch(task["make_batch"](0), mesh)
+  state = replicate(_initial_state(task, seed), mesh)
+  batch_dev = shard_batch(task["make_batch"](0), mesh)
   shardings = jax.tree.map(lambda _: replicated, state)
   jitted = jax.jit(train.make_step_fn(task["loss_fn"], task["tx"], task["schedule"]), donate_argnums=0,
                    out_shardings=(shardings, replicated))
@@ -409,7 +415,8 @@ def run_loop(dtype: str, *, width: float, batch: int, size: int, steps: int, wor
   import jax
   import orbax.checkpoint as ocp
 
-  from oeem_jax import train
+  from oeem_jax.engine import train
+  from oeem_jax.engine.parallel import make_mesh
 
   task = build_task("seg", dtype, width=width, batch=batch, size=size, seed=seed,
                     conv_impl=conv_impl)
@@ -429,7 +436,7 @@ def run_loop(dtype: str, *, width: float, batch: int, size: int, steps: int, wor
     options = train.LoopOptions(total_steps=steps, seed=seed, checkpoint_every=steps // 2, keep=2,
                                 log_every=max(1, steps // 4), async_checkpoint=True, name="check",
                                 tensorboard=False)
-    out = train.train_loop(stage_dir, loop_task, options, mesh=train.make_mesh(), run_identity={
+    out = train.train_loop(stage_dir, loop_task, options, mesh=make_mesh(), run_identity={
         "check": "accelerator", "dtype": dtype, "width": width, "batch": batch, "size": size,
         "steps": steps})
     return out, time.perf_counter() - t0
@@ -573,7 +580,7 @@ def main(argv: list[str] | None = None) -> int:
 
   import jax
 
-  from oeem_jax import io_utils
+  from oeem_jax.runtime import io_utils
   # The loop part's steps reuse the seg part's executable (same HLO) through this cache.
   jax.config.update("jax_compilation_cache_dir", str(workdir / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)  # the steps, not small ops

@@ -8,7 +8,7 @@ on, from its summary.json, or `--pseudo_dir`) and the true masks of the chosen i
 the stage's validation images, which it never trained on). For each image it predicts logits
 single-scale with the stage's validation window, cuts the image into the stage's training crops
 (crop x crop tiles; the edge is padded with ignored pixels) and computes per tile, as training
-does per crop, the weight map W of each loss kind (`oeem_jax.losses.loss_weights`, paper Eq. 3-8)
+does per crop, the weight map W of each loss kind (`oeem_jax.method.losses.loss_weights`, paper Eq. 3-8)
 and the CE map L against the pseudo-mask. The true masks then split the pixels into right and
 wrong pseudo-labels and `losses.loss_share_on_label_errors` reports, pooled over the images:
 the fraction of wrong labels, the share of the loss sum(W*L) on them, and the mean weight on
@@ -22,7 +22,6 @@ map (both as grey levels, scale in the JSON). Prints the table.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +31,7 @@ _SEG_DIR = flags.DEFINE_string("seg_dir", None, "a finished stage-seg folder (W/
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "GlaS folder (as --config.data.dir)", required=True)
 _OUT = flags.DEFINE_string("out", None, "output folder", required=True)
 _PSEUDO_DIR = flags.DEFINE_string("pseudo_dir", "", "pseudo-masks (default: what the stage trained on)")
-_KINDS = flags.DEFINE_list("kinds", ["ce", "oeem"], "loss kinds to weigh (oeem_jax.losses.KINDS)")
+_KINDS = flags.DEFINE_list("kinds", ["ce", "oeem"], "loss kinds to weigh (oeem_jax.method.losses.KINDS)")
 _IMAGES = flags.DEFINE_string("images", "val", "split name (val, train, test_a, ...) or comma list of names")
 _PANELS = flags.DEFINE_integer("panels", 4, "images drawn as PNG panels")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", "latest", "'latest', 'best' or a step number")
@@ -64,10 +63,14 @@ def main(argv):
   del argv
   import jax.numpy as jnp
 
-  from oeem_jax import artifacts, inference, io_utils, losses, train
-  from oeem_jax.data import glas
+  from oeem_jax.data import loader
+  from oeem_jax.engine.checkpoint import load_variables
+  from oeem_jax.evaluation import inference
+  from oeem_jax.method import losses
   from oeem_jax.models import segmenter_apply_fn
-  from oeem_jax.stages import seg, trained_network
+  from oeem_jax.models.network import trained_network
+  from oeem_jax.runtime import artifacts, io_utils
+  from oeem_jax.stages import seg
 
   seg_dir = Path(_SEG_DIR.value)
   if not (seg_dir / "summary.json").is_file():
@@ -78,14 +81,14 @@ def main(argv):
   config = artifacts.training_config(seg_dir)
   config.data.dir = _DATA_DIR.value
   which = _CHECKPOINT.value if _CHECKPOINT.value in ("latest", "best") else int(_CHECKPOINT.value)
-  variables, step = train.load_variables(seg_dir, which)
+  variables, step = load_variables(seg_dir, which)
   network = trained_network(seg_dir, "seg")  # the network card, as stage eval rebuilds it
   apply_fn = segmenter_apply_fn(network.model, variables)
   normalize = network.normalize
   crop = int(config.seg.crop_size)
   window, stride = int(config.seg.eval_window), int(config.seg.eval_stride)
 
-  data = glas.load_splits(config.data)
+  data = loader.load_splits(config.data)
   if _IMAGES.value in data.splits:
     examples = data.splits[_IMAGES.value]
   else:

@@ -28,8 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from oeem_jax.data import glas, pipeline, synthetic, tiles
-from oeem_jax.io_utils import default_glas_dir
+from oeem_jax.data import pipeline, synthetic, tiles
+from oeem_jax.data import source as glas_source
+from oeem_jax.runtime.io_utils import default_glas_dir
 
 # The paper's batches (configs/cls.py, configs/seg_oeem.py) and issue 15's per-step targets (s).
 CLS_BATCH, SEG_BATCH = 20, 32
@@ -105,9 +106,9 @@ def main() -> None:
   if not (folder / "Grade.csv").is_file():
     folder = synthetic.ensure_synthetic_glas(Path(tempfile.gettempdir()) / "oeem_bench", 12, 0)
     label = "SYNTHETIC"
-  records = [r for r in glas.list_source(folder) if r.split == "train"][: args.images]
-  images = [glas.decode_image(r.image_path) for r in records]
-  masks = [glas.decode_mask(r.mask_path) for r in records]
+  records = [r for r in glas_source.list_source(folder) if r.split == "train"][: args.images]
+  images = [glas_source.decode_image(r.image_path) for r in records]
+  masks = [glas_source.decode_mask(r.mask_path) for r in records]
   tile_x = np.concatenate([tiles.extract_tiles(im) for im in images])
   tile_y = np.concatenate([tiles.patch_labels(tiles.extract_tiles(m)) for m in masks])
   print(f"data: {label} {folder}, {len(images)} train images, {len(tile_x)} tiles; "

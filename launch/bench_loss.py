@@ -27,8 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from oeem_jax import losses
-
+from oeem_jax.method import losses
 
 CLOCK = time.perf_counter
 

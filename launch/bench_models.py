@@ -7,7 +7,7 @@ arguments + outputs + temporaries - aliased, and the process's max RSS at the en
 Configurations are the product of --models x --widths x --dtypes x --xla variants x --conv. All are compiled
 first, then timed *interleaved* (round r times step r of every configuration), so load from other
 processes on a shared machine hits all of them alike. --torch adds the PyTorch implementation
-(`oeem_jax.models.torch_reference`) on the same shapes (NCHW, torch's own threads) to the same rounds.
+(`launch/torch_reference.py`) on the same shapes (NCHW, torch's own threads) to the same rounds.
 
 Models (shapes as in issue 3; the classifier trains on 224 crops in the reference):
   cls     CAMClassifier, batch 4 x 112^2, reference mode (BN frozen, conv1a + BN gamma/beta frozen),
@@ -27,7 +27,7 @@ are XLA DebugOptions passed per compilation (`lowered.compile(compiler_options=.
 can be compared in one process. Process-wide flags (XLA_FLAGS, threads) need separate runs.
 
 Like `python -m oeem_jax.main`, the script re-executes itself with glibc's huge-page malloc tunable
-(oeem_jax/malloc_env.py), so it times what the training runs get; `OEEM_MALLOC_HUGETLB=0` times
+(oeem_jax/runtime/malloc_env.py), so it times what the training runs get; `OEEM_MALLOC_HUGETLB=0` times
 glibc's default malloc instead (a separate process: A/B by alternating runs).
 """
 
@@ -46,9 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from oeem_jax import malloc_env
 from oeem_jax.models import CAMClassifier, PSPNet, freeze_frozen
-
+from oeem_jax.runtime import malloc_env
 
 SHAPES = {"cls": (4, 112), "cls224": (4, 224), "psp": (2, 256),
           # the :cpu configurations' training batches (configs/cls.py:cpu, configs/seg_oeem.py:cpu)
@@ -170,11 +169,10 @@ def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict],
 
 
 def make_torch_run(kind: str, width: float, seed: int = 0, backbone: str = "resnet38") -> Run:
-  """The same step in PyTorch (`oeem_jax.models.torch_reference`; for EfficientNet-Lite on
+  """The same step in PyTorch (`launch/torch_reference.py`; for EfficientNet-Lite on
   `efficientnet_lite_pytorch`), NCHW, float32."""
   import torch  # noqa: PLC0415
-
-  from oeem_jax.models import torch_reference as ref  # noqa: PLC0415
+  import torch_reference as ref  # noqa: PLC0415  (launch/torch_reference.py, beside this script)
 
   eff = backbone != "resnet38"
   batch, size = SHAPES[kind]

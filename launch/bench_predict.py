@@ -46,7 +46,7 @@ def make_tiff(path: Path, side: int, tile: int = 512) -> None:
 
 
 def tiny_model(out: Path) -> Path:
-  from oeem_jax import model_folder
+  from oeem_jax.predict import model_folder
   model = model_folder.build_network({"network": model_folder.TINY_NETWORK})
   variables = model_folder.random_variables(model)
   return model_folder.write_model_folder(out, model_folder.random_model_card(variables, flip=False),
@@ -56,7 +56,7 @@ def tiny_model(out: Path) -> Path:
 def child(args) -> None:
   """Runs predict on one image; prints one JSON line."""
   from oeem_jax import stages
-  from oeem_jax.config_base import load_config_file
+  from oeem_jax.config.base import load_config_file
 
   c = load_config_file("predict").get_config()
   c.predict.model, c.predict.inputs = args.model, args.image

@@ -6,9 +6,9 @@ r"""Rescores saved predictions under several post-processing settings, without r
 `--predictions` is a folder of 0/255 masks `<name>.png` written by stage `eval` (any
 `eval.min_object_area` already applied there cannot be undone: rescore a run made with 0). For each
 area A in `--areas`, gland objects smaller than A pixels are removed and holes smaller than A are
-filled (`oeem_jax.inference.remove_small_regions`, what `eval.min_object_area = eval.max_hole_area
+filled (`oeem_jax.evaluation.inference.remove_small_regions`, what `eval.min_object_area = eval.max_hole_area
 = A` does in stage eval); for each h in `--split_h`, touching glands are split into objects with
-`oeem_jax.metrics.split_instances(mask, h)` (what `eval.split_h = h` does; 0 = 8-connected
+`oeem_jax.evaluation.metrics.split_instances(mask, h)` (what `eval.split_h = h` does; 0 = 8-connected
 components). The pooled metrics of each split of `--splits` (default test_a, test_b, test; `val`
 for predictions of the validation carve-out, `eval.splits=val`) are printed: pixel mIoU, gland F1,
 object F1 / Dice / Hausdorff and the number of predicted objects. Choosing A or h by test figures
@@ -22,9 +22,10 @@ from typing import Any, Sequence
 
 from absl import app, flags
 
-from oeem_jax import artifacts, inference, metrics
-from oeem_jax.config_base import load_config_file
-from oeem_jax.data import glas
+from oeem_jax.config.base import load_config_file
+from oeem_jax.data import loader
+from oeem_jax.evaluation import inference, metrics
+from oeem_jax.runtime import artifacts
 from oeem_jax.stages import eval as eval_stage
 
 SPLITS = ("test_a", "test_b", "test")
@@ -93,7 +94,7 @@ def main(argv):
     raise app.UsageError(f"--areas / --split_h: expected integers ({e})") from None
   data_cfg = load_config_file("eval").get_config().data
   data_cfg.dir = _DATA_DIR.value
-  data = glas.load_splits(data_cfg)
+  data = loader.load_splits(data_cfg)
   splits = list(_SPLITS.value)
   unknown = [s for s in splits if s not in data.splits]
   if unknown:

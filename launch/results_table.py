@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from oeem_jax import artifacts
+from oeem_jax.runtime import artifacts
 
 
 def _load(path: Path) -> dict | None:

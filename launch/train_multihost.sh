@@ -5,7 +5,7 @@
 #     launch/train_multihost.sh CONFIG WORKDIR [--config.x.y=value ...]
 #
 # Each process calls jax.distributed.initialize() (it sees $JAX_COORDINATOR_ADDRESS; see
-# oeem_jax.train.setup_distributed), builds one mesh over every GPU of every host, and feeds only its
+# oeem_jax.engine.parallel.setup_distributed), builds one mesh over every GPU of every host, and feeds only its
 # own slice of each global batch. Requirements:
 #   * WORKDIR on a filesystem all hosts share (NFS, GCS-fuse, ...): orbax writes one checkpoint
 #     cooperatively and every host restores from it;

@@ -23,11 +23,12 @@ from pathlib import Path
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file in configs/, optionally with ':arg' (e.g. configs/cls.py:cpu).",
-    lock_config=True)
+# --config is defined by `parse_flags` once it has loaded the config file (`check_command_line`):
+# absl then applies the --config.KEY=VALUE overrides to that ConfigDict, so the file is executed once
+# per run (absl's own DEFINE_config_file would execute it a second time).
+_CONFIG_HELP = "Path to a config file in configs/, optionally with ':arg' (e.g. configs/cls.py:cpu)."
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output folder; a run restarted in the same folder resumes.")
-flags.mark_flags_as_required(["config", "workdir"])
+flags.mark_flags_as_required(["workdir"])
 
 EXIT_INPUT_ERROR = 2
 _HELP_ARGS = ("-?", "-h", "--help", "-help", "--helpshort", "-helpshort", "--helpfull", "-helpfull")
@@ -38,7 +39,7 @@ class UsageError(Exception):
 
 
 def _configs_dir() -> Path:
-  from oeem_jax.config_base import CONFIGS_DIR
+  from oeem_jax.config.base import CONFIGS_DIR
   return CONFIGS_DIR
 
 
@@ -52,7 +53,7 @@ def _display(path: Path) -> str:
 def configs_help() -> str:
   """The configs in the source checkout's configs/ with their first docstring line and their
   arguments (each config module's `ARGS`: {arg: description})."""
-  from oeem_jax.config_base import load_config_file
+  from oeem_jax.config.base import load_config_file
 
   lines = [f"configs (in {_display(_configs_dir())}/; '--config=FILE.py:ARG' picks an argument):"]
   for path in sorted(_configs_dir().glob("*.py")):
@@ -137,7 +138,7 @@ def check_command_line(argv: list[str]):
       names a key the config does not have (for a pipeline config, the message names the
       stage_<stage>. keys that do exist).
   """
-  from oeem_jax.config_base import load_config_file
+  from oeem_jax.config.base import load_config_file
 
   spec = _config_arg(argv)
   if spec is None:
@@ -158,7 +159,9 @@ def check_command_line(argv: list[str]):
       continue
     given = f"{value!r}" if value is not None else "given"
     if config.get("stage") == "pipeline":
-      stages_with = [s for s in ("cls", "cam", "seg", "eval", "prepare")
+      from oeem_jax.config.check import PIPELINE_STAGES
+
+      stages_with = [s for s in PIPELINE_STAGES
                      if f"stage_{s}" in config and _has_key(config[f"stage_{s}"], key)]
       if stages_with:
         alts = " or ".join(f"--config.stage_{s}.{key}" for s in stages_with)
@@ -191,16 +194,43 @@ def _flags_error_line(message: str, config) -> str:
   return " ".join(message.split())
 
 
+def _without_config_spec(argv: list[str]) -> list[str]:
+  """`argv` without its `--config=FILE[:ARG]` (or `--config FILE[:ARG]`); the overrides stay."""
+  out, skip = [], False
+  for a in argv:
+    if skip:
+      skip = False
+      continue
+    if a in ("--config", "-config"):
+      skip = True
+      continue
+    if a.startswith(("--config=", "-config=")):
+      continue
+    out.append(a)
+  return out
+
+
 def parse_flags(argv: list[str]) -> list[str]:
   """absl `flags_parser`: help (exit 0), command-line checks and absl parsing; a bad command line
-  prints one `error:` line and exits 2."""
+  prints one `error:` line and exits 2.
+
+  The config file is executed once (`check_command_line`); its ConfigDict becomes the `--config`
+  flag (`config_flags.DEFINE_config_dict`, locked), to which absl applies the overrides.
+  """
   if any(a in _HELP_ARGS for a in argv[1:]):
     print_help(full=any(a.endswith("helpfull") for a in argv[1:]))
     sys.exit(0)
   config = None
   try:
     config = check_command_line(argv)
-    return flags.FLAGS(argv)
+    if config is None:
+      raise UsageError("--config: missing; expected --config=configs/<file>.py[:ARG] (--help lists them)")
+    rest = _without_config_spec(argv)
+    if "config" not in flags.FLAGS:
+      # sys_argv: where it finds the overrides to define as flags (without the file spec, which
+      # DEFINE_config_dict would take for a value of its own).
+      config_flags.DEFINE_config_dict("config", config, _CONFIG_HELP, lock_config=True, sys_argv=rest)
+    return flags.FLAGS(rest)
   except UsageError as e:
     _fail(str(e), e)
   except flags.Error as e:
@@ -224,7 +254,7 @@ def _fail(line: str, exc: BaseException | None = None) -> None:
 
 class _QuietLibraries(pylogging.Filter):
   """Drops records below WARNING from code outside oeem_jax (TFDS, JAX, orbax), unless
-  --verbosity >= 1. The known-harmless orbax warnings are dropped by `train.quiet_orbax_logs`."""
+  --verbosity >= 1. The known-harmless orbax warnings are dropped by `checkpoint.quiet_orbax_logs`."""
 
   _PACKAGE = str(Path(__file__).resolve().parent)
 
@@ -258,10 +288,10 @@ def next_steps(summary: dict, workdir: str, config_spec: str = "") -> list[str]:
     workdir: the --workdir.
     config_spec: the --config value (its ':arg' is carried over to the suggested next stage).
   """
-  from oeem_jax import stages as stage_lib
+  from oeem_jax.runtime.artifacts import stage_dir
 
   stage = summary.get("stage", "")
-  out = stage_lib.stage_dir(workdir, stage)
+  out = stage_dir(workdir, stage)
   synthetic = bool(summary.get("synthetic") or summary.get("synthetic_data") or (
       summary.get("stages", {}).get("eval", {}).get("synthetic")))
   arg = config_spec.partition(":")[2]
@@ -272,7 +302,7 @@ def next_steps(summary: dict, workdir: str, config_spec: str = "") -> list[str]:
             "next: the same command without --config.pipeline.stages runs the remaining stages "
             "(finished ones are skipped)"]
   if stage in ("pipeline", "eval"):
-    ev = stage_lib.stage_dir(workdir, "eval")
+    ev = stage_dir(workdir, "eval")
     lines.append(f"results: {ev}/metrics.json and per_image.csv, predictions in {ev}/predictions/, "
                  f"contours in {ev}/overlays/; every stage's summary.json under {workdir}/")
     if synthetic:
@@ -291,7 +321,11 @@ def next_steps(summary: dict, workdir: str, config_spec: str = "") -> list[str]:
   elif stage == "prepare" and synthetic:
     lines.append(f"next: python -m oeem_jax.main --config=configs/pipeline.py:demo --workdir={workdir}")
   else:
-    follow = {"prepare": "cls.py", "cls": "cam.py", "cam": "seg_oeem.py", "seg": "eval.py"}.get(stage)
+    from oeem_jax.config.check import PIPELINE_STAGES
+
+    order = list(PIPELINE_STAGES)
+    after = order[order.index(stage) + 1] if stage in order[:-1] else None
+    follow = {"seg": "seg_oeem.py"}.get(after, f"{after}.py") if after else None
     if follow:
       arg_next = arg if arg in ("cpu", "cpu_scratch", "demo") else ""
       if arg_next == "demo" and follow in ("cls.py", "seg_oeem.py"):
@@ -308,26 +342,14 @@ def main(argv):
   logging.get_absl_handler().use_absl_log_file = False
   quiet_logs()
   warnings.filterwarnings("ignore", category=UserWarning, module=r"oeem_jax\.")  # logged as well
-  from oeem_jax.config_check import ConfigError, validate
-
-  config = _CONFIG.value
-  try:
-    validate(config)  # before TensorFlow and JAX are imported: a bad value fails in a second
-  except ConfigError as e:
-    _fail(str(e), e)
-  from oeem_jax import stages  # import after flag parsing keeps --help fast
-  from oeem_jax.data.glas import GlasDataError
-  from oeem_jax.models.import_torch import MissingExtraError
-
-  from oeem_jax import train
+  config = flags.FLAGS["config"].value
+  from oeem_jax import errors, stages  # import after flag parsing keeps --help fast
 
   try:
-    # jax.distributed.initialize() must come before anything touches a device; a pipeline config
-    # carries the switch in its training stages' sections.
-    section = config.get("train") or config.get("stage_cls", {}).get("train") or {}
-    train.setup_distributed(section.get("distributed", "auto"))
+    # One run: the config checked once (before TensorFlow and JAX are imported: a bad value fails in
+    # a second), jax.distributed where asked, then the stage.
     summary = stages.run_stage(config, _WORKDIR.value)
-  except (ConfigError, GlasDataError, FileNotFoundError, MissingExtraError) as e:
+  except (errors.ConfigError, errors.GlasDataError, FileNotFoundError, errors.MissingExtraError) as e:
     # Bad input or a missing optional install: one clear line instead of a traceback (nothing
     # half-written was left).
     _fail(str(e), e)
@@ -344,8 +366,8 @@ def main(argv):
 
 def run():
   # Before anything else: may replace this process by itself with glibc's huge-page malloc tunable
-  # (XLA:CPU's per-step buffers; about 1.5x faster on 2 cores, same numbers; oeem_jax/malloc_env.py).
-  from oeem_jax import malloc_env
+  # (XLA:CPU's per-step buffers; about 1.5x faster on 2 cores, same numbers; oeem_jax/runtime/malloc_env.py).
+  from oeem_jax.runtime import malloc_env
   malloc_env.ensure_hugetlb()
   app.run(main, flags_parser=parse_flags)
 

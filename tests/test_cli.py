@@ -15,8 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from oeem_jax import config_check, io_utils, stages
-from oeem_jax.config_base import get_base_config, load_config_file
+from oeem_jax import errors, stages
+from oeem_jax.config import check as config_check
+from oeem_jax.config.base import get_base_config, load_config_file
+from oeem_jax.runtime import io_utils
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -126,8 +128,8 @@ def test_quiet_log_one_banner_and_where_to_go_next(tmp_path, data_cache, synthet
                                                "prepare", "main", "train"))
              for line in log_lines), log_lines
   # the entry point re-executed itself with glibc's huge-page tunable where it applies
-  # (oeem_jax/malloc_env.py), and summary.json records what was in force
-  from oeem_jax import malloc_env
+  # (oeem_jax/runtime/malloc_env.py), and summary.json records what was in force
+  from oeem_jax.runtime import malloc_env
   malloc = json.loads((tmp_path / "prepare" / "summary.json").read_text())["environment"]["malloc"]
   applies = malloc_env.hugetlb_env({k: v for k, v in os.environ.items() if k != "OEEM_MALLOC_REEXEC"},
                                    malloc_env.glibc_version(), malloc_env.thp_mode()) is not None
@@ -162,7 +164,7 @@ def test_next_steps_after_export_and_seg_name_the_next_command():
 def test_a_failed_stage_leaves_no_empty_folder(tmp_path):
   cfg = get_base_config("prepare")
   cfg.data.dir = str(tmp_path / "no_such_glas")
-  from oeem_jax.data.glas import GlasDataError
+  from oeem_jax.errors import GlasDataError
   with pytest.raises(GlasDataError, match="data folder not found"):
     stages.run_stage(cfg, tmp_path / "w")
   assert not (tmp_path / "w").exists()  # neither W/prepare/ nor W itself (this call made both)
@@ -174,9 +176,68 @@ def test_a_failed_stage_leaves_no_empty_folder(tmp_path):
   # a bad config value: refused before any folder is made
   bad = get_base_config("prepare")
   bad.data.tile_size = 0
-  with pytest.raises(config_check.ConfigError, match="config key data.tile_size: 0; expected"):
+  with pytest.raises(errors.ConfigError, match="config key data.tile_size: 0; expected"):
     stages.run_stage(bad, tmp_path / "w2")
   assert not (tmp_path / "w2").exists()
+
+
+_COUNTING_CONFIG = """
+import os
+from oeem_jax.config import base as config_base
+
+ARGS = {"": "the demo pipeline, its prepare stage only"}
+with open(os.environ["OEEM_COUNT_FILE"], "a") as f:
+  f.write("m")  # one letter per execution of this file
+
+
+def get_config(arg=None):
+  with open(os.environ["OEEM_COUNT_FILE"], "a") as f:
+    f.write("g")
+  c = config_base.load_config_file("pipeline").get_config("demo")
+  c.stage_prepare = config_base.load_config_file("prepare").get_config()
+  c.pipeline.stages = "prepare"
+  return c
+"""
+
+# Runs the real entry point with config.check.validate counted (outermost calls only: validating a
+# pipeline validates each of its stages inside the same call).
+_COUNTING_MAIN = """
+import sys
+from oeem_jax.config import check
+depth, outer = [0], [0]
+original = check.validate
+def counted(config):
+  outer[0] += depth[0] == 0
+  depth[0] += 1
+  try:
+    return original(config)
+  finally:
+    depth[0] -= 1
+check.validate = counted
+from oeem_jax import main
+try:
+  main.run()
+finally:
+  print("validated", outer[0], file=sys.stderr)
+"""
+
+
+def test_the_config_file_is_executed_once_and_validated_once_per_run(tmp_path, data_cache):
+  (tmp_path / "counting.py").write_text(_COUNTING_CONFIG)
+  (tmp_path / "run_main.py").write_text(_COUNTING_MAIN)
+  count = tmp_path / "count.txt"
+  env = dict(os.environ, JAX_PLATFORMS="cpu", OEEM_COUNT_FILE=str(count), OEEM_MALLOC_HUGETLB="0",
+             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  proc = subprocess.run([sys.executable, str(tmp_path / "run_main.py"), f"--config={tmp_path}/counting.py",
+                         f"--workdir={tmp_path}/w", f"--config.data.cache_dir={data_cache}",
+                         "--config.stage_cls.train.steps=7"],  # an override, applied to the one ConfigDict
+                        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert count.read_text() == "mg"  # the file executed once, get_config called once
+  assert "validated 1" in proc.stderr.splitlines()[-1]
+  summary = json.loads((tmp_path / "w" / "pipeline" / "summary.json").read_text())
+  assert summary["config"]["stage_cls"]["train"]["steps"] == 7
+  assert list(summary["stages"]) == ["prepare"]
 
 
 def test_remove_if_empty_keeps_folders_that_hold_a_file(tmp_path):
@@ -228,7 +289,7 @@ def test_split_h_is_checked_in_eval_pipeline_and_predict_configs():
     config_check.validate(c)
     section = c.stage_eval.eval if name == "pipeline" else c[name]
     section.split_h = -1
-    with pytest.raises(config_check.ConfigError, match=f"config key {key}: -1; expected an integer"):
+    with pytest.raises(errors.ConfigError, match=f"config key {key}: -1; expected an integer"):
       config_check.validate(c)
   # The paper's eval keeps the plain 8-connected objects; the CPU settings split (docs/evaluation.md).
   assert load_config_file("eval").get_config().eval.split_h == 0
@@ -250,5 +311,5 @@ def test_stitch_keys_are_checked_and_the_cpu_classifier_scores_as_the_cam_stage_
                                ("stitch_temperature", 0.0, "a temperature > 0")):
     bad = load_config_file("cam").get_config("cpu")
     bad.cam[key] = value
-    with pytest.raises(config_check.ConfigError, match=f"config key cam.{key}: .*expected {expected}"):
+    with pytest.raises(errors.ConfigError, match=f"config key cam.{key}: .*expected {expected}"):
       config_check.validate(bad)

@@ -3,16 +3,15 @@ stitching, against the same computation written out in NumPy (tiny synthetic ima
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import jax.numpy as jnp
-
-from oeem_jax import metrics
 from oeem_jax.data import tiles
-from oeem_jax.data.pipeline import normalize_cls
 from oeem_jax.data.source import Example
-from oeem_jax.parallel import make_mesh
+from oeem_jax.engine.parallel import make_mesh
+from oeem_jax.evaluation import metrics
+from oeem_jax.models.network import normalize_cls
 from oeem_jax.stages.cls import Validator
 
 
@@ -68,5 +67,12 @@ def test_validator_cam_miou_follows_the_stitch_mode():
     got[stitch] = v(variables, step=0).metrics["cam_miou"]
     assert got[stitch] == pytest.approx(_numpy_cam_miou(ex, 3.0, stitch, 8.0), abs=1e-6)
   assert got["soft"] != pytest.approx(got["vote"], abs=1e-3)  # the mode is really used
-  with pytest.raises(ValueError, match="cls.stitch must be one of"):
-    Validator(model, [ex], _DataCfg, input_size=112, batch_size=4, mesh=make_mesh(), stitch="mean")
+  # Another mode is refused by the config check, once, before the stage runs (the stage does not
+  # check it again).
+  from oeem_jax import errors
+  from oeem_jax.config import check as config_check
+  from oeem_jax.config.base import load_config_file
+  c = load_config_file("cls").get_config("cpu")
+  c.cls.stitch = "mean"
+  with pytest.raises(errors.ConfigError, match="config key cls.stitch: 'mean'; expected one of vote, soft"):
+    config_check.validate(c)

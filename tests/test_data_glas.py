@@ -12,8 +12,9 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from oeem_jax.config_base import get_base_config
-from oeem_jax.data import glas, loader, synthetic
+from oeem_jax import errors
+from oeem_jax.config.base import get_base_config
+from oeem_jax.data import glas, loader, source, splits, synthetic
 
 TINY = {"train": 2, "test_a": 1, "test_b": 1}
 
@@ -46,7 +47,7 @@ def _write_tiny(folder: Path, ext: str = "png", h: int = 12, w: int = 16) -> dic
 
 
 def _scan(folder):
-  return glas.scan_source(folder, expected=TINY)
+  return source.scan_source(folder, expected=TINY)
 
 
 # --------------------------------------------------------------------------- real GlaS
@@ -90,7 +91,7 @@ def test_real_validation_subset(glas_splits):
   # stable: independent of the order the items come in
   items = [(e.name, e.patient, e.grade) for e in train + val]
   random.Random(1).shuffle(items)
-  assert glas.select_validation(items, 10) == expected
+  assert splits.select_validation(items, 10) == expected
 
 
 # --------------------------------------------------------------------------- validation carve-out
@@ -100,25 +101,25 @@ def test_select_validation_hand_worked():
   items = ([(f"train_{i}", "A", "benign") for i in (1, 2)] + [(f"train_{i}", "B", "malignant") for i in (3, 4)]
            + [(f"train_{i}", "C", "benign") for i in range(5, 11)]
            + [(f"train_{i}", "D", "malignant") for i in range(11, 17)])
-  assert glas.select_validation(items, 4) == ["train_1", "train_2", "train_3", "train_4"]
+  assert splits.select_validation(items, 4) == ["train_1", "train_2", "train_3", "train_4"]
   notes = []
-  assert len(glas.select_validation(items, 10, notes=notes)) == 4  # capped at 16 // 4
+  assert len(splits.select_validation(items, 10, notes=notes)) == 4  # capped at 16 // 4
   assert "quarter" in notes[0]
-  assert glas.select_validation(items, 0) == []
-  assert glas.select_validation(items, 4, "train_16, train_5") == ["train_5", "train_16"]
+  assert splits.select_validation(items, 0) == []
+  assert splits.select_validation(items, 4, "train_16, train_5") == ["train_5", "train_16"]
   notes = []
-  glas.select_validation(items, 4, ["train_5"], notes)
+  splits.select_validation(items, 4, ["train_5"], notes)
   assert "both sides" in notes[0]
-  with pytest.raises(glas.GlasDataError, match="train_99"):
-    glas.select_validation(items, 4, "train_99")
+  with pytest.raises(errors.GlasDataError, match="train_99"):
+    splits.select_validation(items, 4, "train_99")
   # one malignant patient only: validation cannot hold both grades without taking them all from train
   items = ([(f"train_{i}", "A", "benign") for i in range(1, 5)] + [(f"train_{i}", "B", "benign") for i in range(5, 9)]
            + [(f"train_{i}", "D", "malignant") for i in (9, 10)])
   notes = []
-  chosen = glas.select_validation(items, 2, notes=notes)
+  chosen = splits.select_validation(items, 2, notes=notes)
   assert chosen in (["train_1", "train_2", "train_3", "train_4"], ["train_5", "train_6", "train_7", "train_8"])
   assert "validation holds a single grade" in notes[0]
-  assert glas.select_validation(items[:3], 2) == []  # fewer than 4 images: no validation set
+  assert splits.select_validation(items[:3], 2) == []  # fewer than 4 images: no validation set
 
 
 # --------------------------------------------------------------------------- official .bmp layout, cache
@@ -127,19 +128,19 @@ def test_select_validation_hand_worked():
 def test_bmp_layout_loads_and_cache_is_keyed(tmp_path):
   arrays = _write_tiny(tmp_path / "src", ext="bmp")
   cfg = _cfg(dir=str(tmp_path / "src"), cache_dir=str(tmp_path / "cache"), allow_partial=True)
-  data = glas.load_splits(cfg)
+  data = loader.load_splits(cfg)
   assert data.counts() == {"train": 2, "val": 0, "test_a": 1, "test_b": 1, "test": 2}  # < 4 train: no val
   for e in data.splits["train"] + data.splits["test"]:
     np.testing.assert_array_equal(e.image, arrays[e.name][0])
     np.testing.assert_array_equal(e.mask, arrays[e.name][1])
   assert [e.grade for e in data.splits["train"]] == ["benign", "malignant"]
-  again = glas.load_splits(cfg)
+  again = loader.load_splits(cfg)
   assert again.cache_dir == data.cache_dir
   # a changed source file gives a new cache key and the new content
   new = np.full_like(arrays["train_1"][0], 7)
   Image.fromarray(new).save(tmp_path / "src" / "train_1.bmp")
   os.utime(tmp_path / "src" / "train_1.bmp", ns=(1, 1))
-  changed = glas.load_splits(cfg)
+  changed = loader.load_splits(cfg)
   assert changed.cache_dir != data.cache_dir
   np.testing.assert_array_equal(changed.splits["train"][0].image, new)
 
@@ -149,16 +150,16 @@ def test_decoded_examples_are_kept_per_process(tmp_path, monkeypatch):
   # the validation subset from its own config; another cache root is a different key.
   _write_tiny(tmp_path / "src")
   cfg = _cfg(dir=str(tmp_path / "src"), cache_dir=str(tmp_path / "cache"), allow_partial=True)
-  first = glas.load_splits(cfg)
+  first = loader.load_splits(cfg)
   reads = []
   real_read = glas.read_split
   monkeypatch.setattr(glas, "read_split", lambda builder, split: reads.append(split) or real_read(builder, split))
-  again = glas.load_splits(cfg)
+  again = loader.load_splits(cfg)
   assert reads == []
   assert again.splits["train"] is not first.splits["train"]
   assert [id(e) for e in again.splits["train"]] == [id(e) for e in first.splits["train"]]
   assert (again.cache_dir, again.notes, again.counts()) == (first.cache_dir, first.notes, first.counts())
-  other = glas.load_splits(_cfg(dir=str(tmp_path / "src"), cache_dir=str(tmp_path / "cache2"), allow_partial=True))
+  other = loader.load_splits(_cfg(dir=str(tmp_path / "src"), cache_dir=str(tmp_path / "cache2"), allow_partial=True))
   assert sorted(reads) == ["test_a", "test_b", "train"] and other.cache_dir != first.cache_dir
   for a, b in zip(other.splits["test"], first.splits["test"]):
     np.testing.assert_array_equal(a.image, b.image)
@@ -184,7 +185,7 @@ def test_concurrent_prepare_reuses_the_winners_cache(tmp_path, monkeypatch):
     return real_generate(self, *args, **kwargs)
 
   monkeypatch.setattr(glas.Glas, "_download_and_prepare", racing_generate)
-  data = glas.load_splits(cfg)
+  data = loader.load_splits(cfg)
   assert len(calls) == 2  # the other process's prepare and this one's
   assert data.counts()["train"] == 2
   for e in data.splits["train"] + data.splits["test"]:
@@ -198,26 +199,26 @@ def test_concurrent_prepare_reuses_the_winners_cache(tmp_path, monkeypatch):
 
 
 def test_missing_folder(tmp_path):
-  with pytest.raises(glas.GlasDataError, match="data folder not found"):
-    glas.load_splits(_cfg(dir=str(tmp_path / "nope"), cache_dir=str(tmp_path / "cache")))
+  with pytest.raises(errors.GlasDataError, match="data folder not found"):
+    loader.load_splits(_cfg(dir=str(tmp_path / "nope"), cache_dir=str(tmp_path / "cache")))
   assert not (tmp_path / "cache").exists()
 
 
 def test_image_without_mask_and_reverse(tmp_path):
   _write_tiny(tmp_path / "a")
   (tmp_path / "a" / "train_2_anno.png").unlink()
-  with pytest.raises(glas.GlasDataError, match=r"train_2\.png: image without mask"):
+  with pytest.raises(errors.GlasDataError, match=r"train_2\.png: image without mask"):
     _scan(tmp_path / "a")
   _write_tiny(tmp_path / "b")
   (tmp_path / "b" / "testB_1.png").unlink()
-  with pytest.raises(glas.GlasDataError, match=r"testB_1_anno\.png: mask without image"):
+  with pytest.raises(errors.GlasDataError, match=r"testB_1_anno\.png: mask without image"):
     _scan(tmp_path / "b")
 
 
 def test_size_mismatch(tmp_path):
   _write_tiny(tmp_path / "a")
   Image.fromarray(np.zeros((12, 15), np.uint8)).save(tmp_path / "a" / "testA_1_anno.png")
-  with pytest.raises(glas.GlasDataError, match=r"testA_1_anno\.png: mask is 15x12 .* 16x12; expected equal sizes"):
+  with pytest.raises(errors.GlasDataError, match=r"testA_1_anno\.png: mask is 15x12 .* 16x12; expected equal sizes"):
     _scan(tmp_path / "a")
 
 
@@ -227,18 +228,18 @@ def test_truncated_and_unreadable_files_write_nothing(tmp_path):
   data = p.read_bytes()
   p.write_bytes(data[: len(data) // 2])
   cfg = _cfg(dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "cache"), allow_partial=True)
-  with pytest.raises(glas.GlasDataError, match=r"train_1\.png: unreadable or truncated"):
-    glas.load_splits(cfg)
+  with pytest.raises(errors.GlasDataError, match=r"train_1\.png: unreadable or truncated"):
+    loader.load_splits(cfg)
   assert not (tmp_path / "cache" / "tfds").exists()  # nothing written before the checks passed
   p.write_bytes(b"not an image at all")
-  with pytest.raises(glas.GlasDataError, match=r"train_1\.png: unreadable"):
+  with pytest.raises(errors.GlasDataError, match=r"train_1\.png: unreadable"):
     _scan(tmp_path / "a")
 
 
 def test_mask_with_channels(tmp_path):
   _write_tiny(tmp_path / "a")
   Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(tmp_path / "a" / "train_1_anno.png")
-  with pytest.raises(glas.GlasDataError, match=r"train_1_anno\.png: mask has mode RGB with 3 channels"):
+  with pytest.raises(errors.GlasDataError, match=r"train_1_anno\.png: mask has mode RGB with 3 channels"):
     _scan(tmp_path / "a")
 
 
@@ -250,10 +251,10 @@ def test_gray_and_rgba_images_are_converted_with_warning(tmp_path):
   Image.fromarray(rgba).save(tmp_path / "a" / "train_2.png")
   notes = []
   with pytest.warns(UserWarning, match="converted to RGB"):
-    glas.scan_source(tmp_path / "a", expected=TINY, notes=notes)
+    source.scan_source(tmp_path / "a", expected=TINY, notes=notes)
   assert len(notes) == 2 and "alpha dropped" in notes[1]
   with pytest.warns(UserWarning, match="converted to RGB"):
-    data = glas.load_splits(_cfg(dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"), allow_partial=True))
+    data = loader.load_splits(_cfg(dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "c"), allow_partial=True))
   t1, t2 = data.splits["train"]
   np.testing.assert_array_equal(t1.image, np.stack([gray] * 3, -1))
   np.testing.assert_array_equal(t2.image, arrays["train_2"][0])
@@ -262,16 +263,16 @@ def test_gray_and_rgba_images_are_converted_with_warning(tmp_path):
 def test_sixteen_bit_image_refused(tmp_path):
   _write_tiny(tmp_path / "a")
   Image.fromarray(np.zeros((12, 16), np.uint16)).save(tmp_path / "a" / "testA_1.png")
-  with pytest.raises(glas.GlasDataError, match=r"testA_1\.png: image colour mode 'I;16' is not supported"):
+  with pytest.raises(errors.GlasDataError, match=r"testA_1\.png: image colour mode 'I;16' is not supported"):
     _scan(tmp_path / "a")
 
 
 def test_unexpected_counts(tmp_path):
   _write_tiny(tmp_path / "a")
-  with pytest.raises(glas.GlasDataError, match="found 2 train, 1 testA and 1 testB images; expected 85/60/20"):
-    glas.load_splits(_cfg(dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "cache")))
+  with pytest.raises(errors.GlasDataError, match="found 2 train, 1 testA and 1 testB images; expected 85/60/20"):
+    loader.load_splits(_cfg(dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "cache")))
   assert not (tmp_path / "cache").exists()
-  data = glas.load_splits(_cfg(dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "cache"), allow_partial=True))
+  data = loader.load_splits(_cfg(dir=str(tmp_path / "a"), cache_dir=str(tmp_path / "cache"), allow_partial=True))
   assert data.counts()["test"] == 2
 
 
@@ -280,17 +281,17 @@ def test_grade_csv_problems_and_duplicates(tmp_path):
   csv = tmp_path / "a" / "Grade.csv"
   text = csv.read_text()
   csv.write_text("\n".join(l for l in text.splitlines() if not l.startswith("testB_1")) + "\n")
-  with pytest.raises(glas.GlasDataError, match="no row for testB_1"):
+  with pytest.raises(errors.GlasDataError, match="no row for testB_1"):
     _scan(tmp_path / "a")
   csv.write_text(text.replace("malignant", "weird", 1))
-  with pytest.raises(glas.GlasDataError, match="grade ' weird' for train_2; expected benign or malignant"):
+  with pytest.raises(errors.GlasDataError, match="grade ' weird' for train_2; expected benign or malignant"):
     _scan(tmp_path / "a")
   csv.unlink()
-  with pytest.raises(glas.GlasDataError, match="Grade.csv not found"):
+  with pytest.raises(errors.GlasDataError, match="Grade.csv not found"):
     _scan(tmp_path / "a")
   _write_tiny(tmp_path / "b")
   Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(tmp_path / "b" / "train_1.bmp")
-  with pytest.raises(glas.GlasDataError, match="train_1 exists twice"):
+  with pytest.raises(errors.GlasDataError, match="train_1 exists twice"):
     _scan(tmp_path / "b")
 
 
@@ -336,7 +337,7 @@ def test_binary_masks_become_connected_components(tmp_path):
   for attempt in ("build", "in memory", "reuse"):
     if attempt == "reuse":
       loader.forget_decoded()  # read the prepared TFDS cache again, with its decode_notes.json
-    data = glas.load_splits(cfg)
+    data = loader.load_splits(cfg)
     masks = {e.name: e.mask for split in ("train", "test") for e in data.splits[split]}
     for name in ("train_1", "testA_1", "train_2"):
       np.testing.assert_array_equal(masks[name], arrays[name][1], err_msg=f"{attempt} {name}")
@@ -350,19 +351,19 @@ def test_binary_masks_become_connected_components(tmp_path):
 def test_binary_to_instances_leaves_instance_masks_alone():
   one = np.zeros((6, 6), np.uint8)
   one[1:3, 1:3] = 1
-  ids, note = glas.binary_to_instances(one)
+  ids, note = source.binary_to_instances(one)
   assert ids is one and note is None  # a single gland with id 1 (3 of the real GlaS masks)
   two = one.copy()
   two[4:6, 4:6] = 2
-  assert glas.binary_to_instances(two)[1] is None
+  assert source.binary_to_instances(two)[1] is None
   diagonal = np.zeros((4, 4), np.uint8)
   diagonal[0, 0] = diagonal[1, 1] = 255  # touching at a corner: one 8-connected gland
-  ids, note = glas.binary_to_instances(diagonal, "m.png")
+  ids, note = source.binary_to_instances(diagonal, "m.png")
   assert ids.max() == 1 and ids[0, 0] == ids[1, 1] == 1 and "covers 1 separate region" in note
   many = np.zeros((2, 2 * 300), np.uint8)
   many[0, ::2] = 1
-  with pytest.raises(glas.GlasDataError, match="m.png: binary mask .* 300 separate regions"):
-    glas.binary_to_instances(many, "m.png")
+  with pytest.raises(errors.GlasDataError, match="m.png: binary mask .* 300 separate regions"):
+    source.binary_to_instances(many, "m.png")
 
 
 def test_prepare_summary_records_binary_masks(tmp_path):
@@ -380,7 +381,7 @@ def test_grade_rows_without_an_image_are_a_warning(tmp_path):
   with open(tmp_path / "a" / "Grade.csv", "a") as f:
     f.write("train_99,9, benign, x\ntestA_7,9, malignant, x\n")
   notes = []
-  records = glas.scan_source(tmp_path / "a", expected=TINY, notes=notes)
+  records = source.scan_source(tmp_path / "a", expected=TINY, notes=notes)
   assert len(records) == 4
   assert notes == [f"{tmp_path / 'a' / 'Grade.csv'}: 2 row(s) name no image in the folder (train_99, "
                    "testA_7); those rows are ignored"]

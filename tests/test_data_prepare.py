@@ -7,7 +7,7 @@ import json
 import numpy as np
 
 from oeem_jax import stages
-from oeem_jax.config_base import get_base_config
+from oeem_jax.config.base import get_base_config
 from oeem_jax.data import tiles
 from oeem_jax.stages import prepare
 

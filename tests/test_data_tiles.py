@@ -172,5 +172,5 @@ def test_stitch_probabilities_of_one_hot_tiles_is_the_majority_vote():
 
 
 def test_stitch_modes_match_config_check():
-  from oeem_jax import config_check
+  from oeem_jax.config import check as config_check
   assert config_check.STITCH_MODES == tiles.STITCH_MODES

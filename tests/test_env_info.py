@@ -1,4 +1,4 @@
-"""What every summary.json records about its machine (oeem_jax.env_info) and the pinned versions
+"""What every summary.json records about its machine (oeem_jax.runtime.env_info) and the pinned versions
 (constraints.txt)."""
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import jax
 import numpy as np
 import pytest
 
-from oeem_jax import env_info
+from oeem_jax.runtime import env_info
 
 REPO = Path(__file__).resolve().parents[1]
 

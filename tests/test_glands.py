@@ -1,4 +1,4 @@
-"""Tests for oeem_jax.glands: hand-worked polygons, exact raster round trip, GeoJSON validity,
+"""Tests for oeem_jax.predict.glands: hand-worked polygons, exact raster round trip, GeoJSON validity,
 per-gland measurements and the CSV."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import pytest
 from scipy import ndimage
 from skimage.draw import polygon as fill_polygon
 
-from oeem_jax import glands
+from oeem_jax.predict import glands
 
 SQRT_HALF = math.sqrt(0.5)
 

@@ -1,4 +1,4 @@
-"""Tests for oeem_jax.images: TIFF region reads (tiled, stripped, BigTIFF, pyramid, planar), pixel
+"""Tests for oeem_jax.predict.images: TIFF region reads (tiled, stripped, BigTIFF, pyramid, planar), pixel
 size from TIFF metadata, colour-mode conversions, refused inputs and input listing."""
 
 from __future__ import annotations
@@ -8,8 +8,9 @@ import pytest
 import tifffile
 from PIL import Image
 
-from oeem_jax import images
-from oeem_jax.data.glas import GlasDataError
+from oeem_jax import errors
+from oeem_jax.errors import GlasDataError
+from oeem_jax.predict import images
 
 H, W = 150, 230
 
@@ -182,7 +183,7 @@ def _refused(tmp_path, rgb):
 
 def test_bad_inputs_are_refused_with_a_named_error(tmp_path, rgb):
   for name, (path, message) in _refused(tmp_path, rgb).items():
-    with pytest.raises(images.InputError, match=message) as info:
+    with pytest.raises(errors.InputError, match=message) as info:
       images.open_image(path)
     assert str(path) in str(info.value), name
     assert isinstance(info.value, GlasDataError)  # main.py: one error line, exit status 2
@@ -201,7 +202,7 @@ def test_list_inputs_file_folder_glob_and_errors(tmp_path, rgb):
   for spec, message in [("", "predict.inputs is empty"), (str(tmp_path / "empty"), "holds no image"),
                         (str(tmp_path / "*.gif"), "matches no image"),
                         (str(tmp_path / "nope"), "does not exist")]:
-    with pytest.raises(images.InputError, match=message):
+    with pytest.raises(errors.InputError, match=message):
       images.list_inputs(spec)
 
 
@@ -209,7 +210,7 @@ def test_output_names_disambiguate(tmp_path):
   from pathlib import Path
   files = [Path("x/a.png"), Path("x/a.tif"), Path("x/b.png"), Path("y/b.png")]
   assert images.output_names(files) == ["a_png", "a_tif", "x_b_png", "y_b_png"]
-  with pytest.raises(images.InputError, match="same outputs"):
+  with pytest.raises(errors.InputError, match="same outputs"):
     images.output_names([Path("x/a.png"), Path("x/a.png")])
 
 

@@ -1,4 +1,4 @@
-"""Tests for oeem_jax.inference: window grid, stitching, flips, scales and the single compile."""
+"""Tests for oeem_jax.evaluation.inference: window grid, stitching, flips, scales and the single compile."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.special import softmax
 
-from oeem_jax import inference
+from oeem_jax.evaluation import inference
 
 # A fixed 1x1 convolution (per-pixel linear map 3 -> 2 channels): translation equivariant with
 # no border effect, so windows stitch exactly into whole-image inference.

@@ -1,4 +1,4 @@
-"""Tests for oeem_jax.losses against slow plain-NumPy loop references (paper Eq. 3-8, docs/reference.md §5)."""
+"""Tests for oeem_jax.method.losses against slow plain-NumPy loop references (paper Eq. 3-8, docs/reference.md §5)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from oeem_jax import losses
+from oeem_jax.method import losses
 
 IGN = 255
 ALL_KINDS = losses.KINDS
@@ -437,3 +437,10 @@ def test_loss_share_on_label_errors_by_hand():
   assert s["loss_share_wrong"] < s["ce_share_wrong"]
   with pytest.raises(ValueError, match="shapes differ"):
     losses.loss_share_on_label_errors(w[..., :3], ce, labels, truth)
+
+
+def test_the_config_check_lists_the_same_loss_kinds():
+  from oeem_jax.config import check as config_check
+
+  # config.check spells the kinds out so that checking a config imports no jax; they must agree.
+  assert config_check.LOSS_KINDS == losses.KINDS

@@ -1,4 +1,4 @@
-"""glibc's huge-page malloc tunable, set by oeem_jax.main for itself (oeem_jax/malloc_env.py)."""
+"""glibc's huge-page malloc tunable, set by oeem_jax.main for itself (oeem_jax/runtime/malloc_env.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from oeem_jax import malloc_env
+from oeem_jax.runtime import malloc_env
 
 REPO = Path(__file__).resolve().parents[1]
 T = "glibc.malloc.hugetlb"

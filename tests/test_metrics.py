@@ -1,4 +1,4 @@
-"""Tests for oeem_jax.metrics against hand-worked cases and slow NumPy/SciPy references."""
+"""Tests for oeem_jax.evaluation.metrics against hand-worked cases and slow NumPy/SciPy references."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import directed_hausdorff
 
-from oeem_jax import metrics
+from oeem_jax.evaluation import metrics
 
 # ---------------------------------------------------------------------------------------------
 # The 6x6 hand-worked example (coordinates are (row, col)).

@@ -1,4 +1,4 @@
-"""Two CPU processes on loopback with `jax.distributed` (oeem_jax.train.setup_distributed), launched
+"""Two CPU processes on loopback with `jax.distributed` (oeem_jax.engine.train.setup_distributed), launched
 the way docs/multihost.md tells users to launch several hosts: the same command in every process,
 with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set.
 
@@ -106,12 +106,13 @@ def test_two_processes_train_the_same_parameters_as_one(runs):
 
 
 def test_one_process_eval_restores_the_two_process_checkpoint(runs, data_cache, tmp_path):
-  from oeem_jax import stages, train
-  from oeem_jax.config_base import load_config_file
+  from oeem_jax import stages
+  from oeem_jax.config.base import load_config_file
+  from oeem_jax.engine.checkpoint import load_variables, params_digest
 
   two = _summary(runs / "two")
-  variables, step = train.load_variables(runs / "two" / "seg", "latest")  # 2-device save, 1 device here
-  assert step == 3 and train.params_digest(variables["params"]) == two["params_digest"]
+  variables, step = load_variables(runs / "two" / "seg", "latest")  # 2-device save, 1 device here
+  assert step == 3 and params_digest(variables["params"]) == two["params_digest"]
   c = load_config_file("eval").get_config("demo")
   c.data.cache_dir = str(data_cache)
   c.eval.seg_dir = str(runs / "two" / "seg")

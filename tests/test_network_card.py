@@ -1,5 +1,5 @@
 """Network cards (`models.factory.network_card` / `network_from_card`) and
-`stages.trained_network`: a training stage's network is rebuilt from the JSON beside its
+`network.trained_network`: a training stage's network is rebuilt from the JSON beside its
 checkpoints, exactly (class, constructor arguments, input normalisation, input size)."""
 
 from __future__ import annotations
@@ -8,16 +8,14 @@ import json
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
-from oeem_jax import artifacts
-from oeem_jax.data.pipeline import normalizer
 from oeem_jax.models import factory
 from oeem_jax.models.classifier import CAMClassifier
+from oeem_jax.models.network import normalizer, trained_network
 from oeem_jax.models.pspnet import PSPNet
-from oeem_jax.stages import trained_network
+from oeem_jax.runtime import artifacts
 
 EFF_STATS = ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
 

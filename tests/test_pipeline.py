@@ -13,8 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from oeem_jax import artifacts, stages
-from oeem_jax.config_base import load_config_file
+from oeem_jax import stages
+from oeem_jax.config.base import load_config_file
+from oeem_jax.models import network
+from oeem_jax.runtime import artifacts
 
 
 def _config(name: str, arg: str | None):
@@ -31,8 +33,8 @@ def demo_run(tmp_path_factory, data_cache):
   c.stage_seg.train.steps = 4
   c.stage_seg.train.log_every = 2
   c.stage_cam.cam.batch_size = 16
-  from oeem_jax.data import glas
-  glas._BANNER_SHOWN.clear()  # other tests of the session may have shown it already
+  from oeem_jax.data import loader
+  loader._BANNER_SHOWN.clear()  # other tests of the session may have shown it already
   records = []
   handler = logging.Handler()
   handler.emit = records.append
@@ -122,11 +124,11 @@ def test_training_stages_write_the_network_card_later_stages_rebuild(demo_run, t
     legacy = tmp_path / "legacy" / stage
     legacy.mkdir(parents=True)
     shutil.copy(workdir / stage / "summary.json", legacy)
-    assert stages.trained_network(legacy, stage).card == card, stage   # the summary.json route agrees
+    assert network.trained_network(legacy, stage).card == card, stage   # the summary.json route agrees
     bare = tmp_path / "bare" / stage
     bare.mkdir(parents=True)
     shutil.copy(artifacts.network_card_path(workdir / stage), bare)
-    assert stages.trained_network(bare, stage).card == card, stage
+    assert network.trained_network(bare, stage).card == card, stage
   assert card["kwargs"]["b7_dilation"] == 4
   for name in ("cam", "eval"):  # no network keys of their own: they could only disagree
     for arg in (None, "cpu", "cpu_scratch", "demo"):
@@ -245,7 +247,7 @@ def test_analyse_oeem_script_on_the_demo_segmenter(demo_run, tmp_path):
   import sys
   from pathlib import Path
 
-  from oeem_jax.data import glas
+  from oeem_jax.data import loader
 
   workdir, _ = demo_run
   script = Path(__file__).resolve().parents[1] / "launch" / "analyse_oeem.py"
@@ -257,7 +259,7 @@ def test_analyse_oeem_script_on_the_demo_segmenter(demo_run, tmp_path):
   result = json.loads((out / "analysis.json").read_text())
   cfg = ml_collections.ConfigDict(json.loads((workdir / "seg" / "summary.json").read_text())["config"])
   cfg.data.dir = ""
-  val = glas.load_splits(cfg.data).splits["val"]
+  val = loader.load_splits(cfg.data).splits["val"]
   assert result["images"] == [e.name for e in val] and val  # the stage's validation carve-out
   wrong = valid = 0
   for ex in val:

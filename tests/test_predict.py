@@ -1,4 +1,4 @@
-"""Tests for stages export and predict (oeem_jax.regions, oeem_jax.stain, oeem_jax.model_folder).
+"""Tests for stages export and predict (oeem_jax.predict.regions, oeem_jax.predict.stain, oeem_jax.predict.model_folder).
 
 A tiny PSPNet (ResNet38 at width 1/16, window 48) with random weights stands in for a trained
 segmenter wherever only the plumbing is tested: region tiling against whole-image inference (one
@@ -23,11 +23,15 @@ from skimage.draw import polygon as fill_polygon
 from skimage.morphology import dilation
 from skimage.segmentation import find_boundaries
 
-from oeem_jax import config_base, images, inference, metrics, model_folder, regions, stages, stain, train
-from oeem_jax.config_base import load_config_file
-from oeem_jax.config_check import ConfigError
+from oeem_jax import errors, stages
+from oeem_jax.config import base as config_base
+from oeem_jax.config.base import load_config_file
 from oeem_jax.data import synthetic
-from oeem_jax.data.pipeline import SEG_MEAN, SEG_STD, normalizer
+from oeem_jax.engine.checkpoint import params_digest
+from oeem_jax.errors import ConfigError
+from oeem_jax.evaluation import inference, metrics
+from oeem_jax.models.network import normalizer
+from oeem_jax.predict import images, model_folder, regions, stain
 from oeem_jax.stages import predict as predict_stage
 
 WINDOW, STRIDE, BATCH = model_folder.TINY_WINDOW, model_folder.TINY_STRIDE, model_folder.TINY_BATCH
@@ -118,7 +122,7 @@ def test_regions_equal_whole_image_and_compile_once(tiny):
 
 
 def test_regions_at_other_scales_match_whole_image():
-  # With read windows aligned for every scale (oeem_jax.regions.region_align) the window grids
+  # With read windows aligned for every scale (oeem_jax.predict.regions.region_align) the window grids
   # match; only scaled_size's rounding could move pixels at the sub-pixel level (none do here).
   h, w = 190, 250
   img = draw(h, w, 3)
@@ -332,17 +336,17 @@ def test_bad_models_and_inputs_are_named(tiny, tmp_path):
   (unfinished / "seg" / "checkpoints").mkdir(parents=True)
   cases.append((unfinished, "seg stage there is not finished"))
   for model, message in cases:
-    with pytest.raises(images.InputError, match=message):
+    with pytest.raises(errors.InputError, match=message):
       stages.run_stage(predict_config(model, tmp_path / "x.png"), tmp_path / "o")
   assert not list((tmp_path / "o").rglob("*.*"))  # nothing written for a fatal error
-  with pytest.raises(images.InputError, match="holds no image"):
+  with pytest.raises(errors.InputError, match="holds no image"):
     stages.run_stage(predict_config(folder, tmp_path / "empty"), tmp_path / "o")
   # Values wrong whatever the model: config_check, before anything is read; a stride larger than
   # the model's window: only known once the model card is read.
-  for key, value, error in [("stride", 100, images.InputError), ("scales", (), ConfigError),
+  for key, value, error in [("stride", 100, errors.InputError), ("scales", (), ConfigError),
                             ("region_size", 4, ConfigError), ("input_mpp", -1.0, ConfigError),
                             ("min_object_area", -5, ConfigError), ("split_h", -1, ConfigError),
-                            ("inputs", "", images.InputError)]:
+                            ("inputs", "", errors.InputError)]:
     c = predict_config(folder, tmp_path / "x.png")
     c.predict[key] = value
     with pytest.raises(error, match=f"config key predict.{key}"):
@@ -394,7 +398,7 @@ def test_export_then_predict_equals_eval(tiny, tmp_path, data_cache):
   assert card["inference"]["scales"] == [1.0, 1.25] and card["inference"]["min_object_area"] == 30
   assert card["inference"]["split_h"] == 1  # travels with the model like the areas
   assert card["provenance"]["checkpoint"] == "best" and card["provenance"]["step"] == 1
-  assert card["provenance"]["params_digest"] == train.params_digest(variables["params"])
+  assert card["provenance"]["params_digest"] == params_digest(variables["params"])
   assert card["provenance"]["synthetic"] is True and "SYNTHETIC" in card["provenance"]["data_label"]
   assert card["pixel_size_um"] is None and card["stain_reference"]["num_images"] > 0
   assert s["model_dir"] == str(workdir / "export" / "model")
@@ -436,7 +440,7 @@ def test_split_h_setting_defaults_for_older_cards_and_scales_as_a_length(tiny):
   cfg.split_h = 2  # the config key wins over the card
   assert predict_stage.inference_settings(cfg, card)["split_h"] == 2
   cfg.split_h = -4
-  with pytest.raises(images.InputError, match="predict.split_h"):
+  with pytest.raises(errors.InputError, match="predict.split_h"):
     predict_stage.inference_settings(cfg, card)
   # Model pixels -> input pixels: a length, divided by the rescale factor (areas by its square).
   assert predict_stage.split_h_input(0, 0.5) == 0

@@ -1,17 +1,16 @@
-"""Tests for oeem_jax.pseudo_mask with analytic fake CAM functions and a slow NumPy reference (docs/reference.md §3)."""
+"""Tests for oeem_jax.method.pseudo_mask with analytic fake CAM functions and a slow NumPy reference (docs/reference.md §3)."""
 
 from __future__ import annotations
 
 import functools
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-import jax
-import jax.numpy as jnp
-
-from oeem_jax import pseudo_mask as pm
+from oeem_jax.method import pseudo_mask as pm
 
 TILE = 112
 # Linear fake CAM: 8x8 average pooling of the normalised input (224 -> 28), then a 3 -> 2 map + bias.

@@ -1,6 +1,6 @@
 """Flax <-> PyTorch parity of ResNet38 / CAMClassifier / PSPNet and of the res38d.pth importer.
 
-The PyTorch (NCHW) implementation of the networks is `oeem_jax.models.torch_reference` (used by tests
+The PyTorch (NCHW) implementation of the networks is `launch/torch_reference.py` (used by tests
 and benchmarks only; the package never imports it, nor torch except to read a checkpoint). Its module names follow the
 reference resnet38d state-dict convention (conv1a, b2, b2_1, ..., b7, bn7; bn_branch2a, conv_branch2a,
 bn_branch2b1, conv_branch2b1, bn_branch2b2, conv_branch2b2, conv_branch1 inside blocks), so a random
@@ -19,8 +19,7 @@ torch = pytest.importorskip("torch", reason="torch not installed (pip install 'o
                             "Flax<->PyTorch parity needs it")
 nn = torch.nn
 
-from oeem_jax.models.torch_reference import (  # noqa: E402  (after the importorskip)
-    TorchCAMClassifier, TorchPSPNet, TorchResNet38)
+from torch_reference import TorchCAMClassifier, TorchPSPNet, TorchResNet38  # noqa: E402  (after the importorskip)
 
 
 def randomize_(module: nn.Module, seed: int) -> None:

@@ -1,4 +1,4 @@
-"""Tests of the training engine (oeem_jax/train.py) on a toy model (tests/train_toy.py).
+"""Tests of the training engine (oeem_jax/engine/train.py) on a toy model (tests/train_toy.py).
 
 Subprocesses are used where the process itself is the subject: fake CPU devices (the XLA flag must be
 set before JAX is imported) and SIGKILL.
@@ -20,7 +20,11 @@ import numpy as np
 import optax
 import pytest
 
-from oeem_jax import train
+from oeem_jax import errors
+from oeem_jax.engine import train
+from oeem_jax.engine.checkpoint import identity_changes, load_variables, params_digest, run_identity
+from oeem_jax.engine.optim import make_optimizer
+from oeem_jax.engine.parallel import make_mesh, setup_distributed, shard_batch
 
 HERE = Path(__file__).resolve().parent
 TOY_SCRIPT = HERE / "train_toy.py"
@@ -95,7 +99,7 @@ def test_sgd_matches_pytorch_semantics_by_hand():
   # PyTorch SGD: d = g + wd*p; buf = 0.9*buf + d (buf_1 = d); p -= lr_t * buf.
   # step 0: lr 0.5, d = 2 + 0.1 = 2.1, buf = 2.1, p = 1 - 1.05 = -0.05
   # step 1: lr 0.5*(0.75**0.9), d = -0.1 - 0.005 = -0.105, buf = 1.89 - 0.105 = 1.785
-  tx, schedule = train.make_optimizer(0.5, 4, momentum=0.9, weight_decay=0.1)
+  tx, schedule = make_optimizer(0.5, 4, momentum=0.9, weight_decay=0.1)
   p = jnp.array(1.0)
   state = tx.init(p)
   for _ in range(2):
@@ -108,7 +112,7 @@ def test_sgd_matches_pytorch_semantics_by_hand():
 
 def test_poly_schedule_with_floor_matches_mmseg_formula():
   # docs/reference.md §4: lr = (5e-3 - 1e-4) * (1 - it / 1e4) ** 0.9 + 1e-4.
-  _, schedule = train.make_optimizer(5e-3, 10_000, end_lr=1e-4)
+  _, schedule = make_optimizer(5e-3, 10_000, end_lr=1e-4)
   for it in (0, 1, 2500, 9999, 10_000, 12_000):
     expected = (5e-3 - 1e-4) * (1 - min(it, 10_000) / 1e4) ** 0.9 + 1e-4
     np.testing.assert_allclose(float(schedule(it)), expected, rtol=1e-5)
@@ -116,7 +120,7 @@ def test_poly_schedule_with_floor_matches_mmseg_formula():
 
 def test_trainable_mask_freezes_leaves_completely():
   params = {"a": jnp.ones(3), "b": jnp.ones(2)}
-  tx, _ = train.make_optimizer(0.1, 10, weight_decay=0.5, trainable_mask={"a": False, "b": True})
+  tx, _ = make_optimizer(0.1, 10, weight_decay=0.5, trainable_mask={"a": False, "b": True})
   state = tx.init(params)
   grads = {"a": jnp.full(3, 7.0), "b": jnp.full(2, 1.0)}
   updates, _ = tx.update(grads, state, params)
@@ -126,7 +130,7 @@ def test_trainable_mask_freezes_leaves_completely():
 
 def test_make_optimizer_rejects_bad_arguments():
   with pytest.raises(ValueError, match="total_steps"):
-    train.make_optimizer(0.1, 0)
+    make_optimizer(0.1, 0)
 
 
 # ---- digest -----------------------------------------------------------------------------------------
@@ -135,11 +139,11 @@ def test_make_optimizer_rejects_bad_arguments():
 def test_params_digest_is_order_independent_and_bit_sensitive():
   a = {"x": np.arange(4, dtype=np.float32), "y": {"k": np.ones((2, 2), np.float32)}}
   b = {"y": {"k": np.ones((2, 2), np.float32)}, "x": np.arange(4, dtype=np.float32)}
-  assert train.params_digest(a) == train.params_digest(b)
+  assert params_digest(a) == params_digest(b)
   c = {"x": np.arange(4, dtype=np.float32), "y": {"k": np.ones((2, 2), np.float32)}}
   c["x"][3] = np.nextafter(np.float32(3), np.float32(4))  # one ulp
-  assert train.params_digest(c) != train.params_digest(a)
-  assert len(train.params_digest(a)) == 64
+  assert params_digest(c) != params_digest(a)
+  assert len(params_digest(a)) == 64
 
 
 # ---- the loop ---------------------------------------------------------------------------------------
@@ -155,10 +159,10 @@ def test_loop_trains_checkpoints_and_keeps_the_best(reference_run):
   assert [p.name for p in (workdir / "best").iterdir() if p.name.isdigit()] == ["8"]
   assert result["best_eval"]["step"] == 8 and result["best_eval"]["peak"] == 0.0
   assert result["final_eval"] == {"acc": result["final_eval"]["acc"], "peak": -4.0, "step": 12}
-  variables, step = train.load_variables(workdir, "latest")
-  assert step == STEPS and train.params_digest(variables["params"]) == result["params_digest"]
-  best, best_step = train.load_variables(workdir, "best")
-  assert best_step == 8 and train.params_digest(best["params"]) != result["params_digest"]
+  variables, step = load_variables(workdir, "latest")
+  assert step == STEPS and params_digest(variables["params"]) == result["params_digest"]
+  best, best_step = load_variables(workdir, "best")
+  assert best_step == 8 and params_digest(best["params"]) != result["params_digest"]
   assert set(best) == {"params", "batch_stats"} and best["batch_stats"]  # BN statistics are saved
 
 
@@ -190,7 +194,7 @@ def test_stage_models_overfit_a_fixed_batch(four_devices, stage):
 
 def test_resume_of_a_different_run_is_refused(reference_run):
   # A ConfigError: `python -m oeem_jax.main` prints it as one `error: config key ...` line, exit 2.
-  from oeem_jax.config_check import ConfigError
+  from oeem_jax.errors import ConfigError
   workdir, _ = reference_run
   with pytest.raises(ConfigError) as info:
     toy.run(str(workdir), STEPS, eval_every=4, num_devices=1, identity={"train": {"lr": 0.2}})
@@ -198,7 +202,7 @@ def test_resume_of_a_different_run_is_refused(reference_run):
       f"config key train: {{'lr': 0.2}}; expected no value, as in the run whose step {STEPS} is in "
       f"{workdir / 'checkpoints'}; for another run use a new --workdir (or delete that folder)")
   # Several keys: the first one is named with its old value, the others are counted.
-  changes = train.identity_changes({"train": {"lr": 0.1, "steps": 8}, "seed": 0},
+  changes = identity_changes({"train": {"lr": 0.1, "steps": 8}, "seed": 0},
                                    {"train": {"lr": 0.1, "steps": 16}, "seed": 1})
   assert changes == [("seed", 0, 1), ("train.steps", 8, 16)]
 
@@ -228,7 +232,7 @@ def test_run_identity_ignores_logging_and_eval_keys():
                                  "eval_every": 9, "distributed": "auto"},
                                  "data": {"dir": "x/../glas", "cache_dir": "/c"},
                                  "seg": {"loss_kind": "oeem", "eval_window": 320}})
-  ident = train.run_identity(c, ("seg", "data"))
+  ident = run_identity(c, ("seg", "data"))
   assert ident == {"stage": "seg", "seed": 1, "train": {"lr": 0.1}, "seg": {"loss_kind": "oeem"},
                    "data": {"dir": str(Path("glas").resolve())}}
 
@@ -240,10 +244,10 @@ def test_one_vs_four_devices_agree(reference_run, four_devices, children):
   four = four_devices
   assert four["num_devices"] == 4 and four["stopped_at"] == 3 and four["checkpoint_step"] == 3
   workdir, _ = reference_run
-  one, step = train.load_variables(workdir, 3)
+  one, step = load_variables(workdir, 3)
   assert step == 3
   # The 4-device checkpoint restores here, on 1 device (orbax needs the target's shapes for that).
-  saved, saved_step = train.load_variables(children["tmp"] / "w4", "latest")
+  saved, saved_step = load_variables(children["tmp"] / "w4", "latest")
   assert saved_step == 3
   np.testing.assert_array_equal(np.concatenate([np.ravel(x) for x in jax.tree.leaves(saved["params"])]),
                                 np.concatenate([np.ravel(x) for x in four["flat_params"]]).astype(np.float32))
@@ -272,11 +276,11 @@ def test_sigkill_then_resume_is_bit_identical(reference_run, children):
 
 
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-  with pytest.raises(train.NonFiniteLossError, match=r"non-finite loss at step 7\b.*Last good checkpoint: step 6"):
+  with pytest.raises(errors.NonFiniteLossError, match=r"non-finite loss at step 7\b.*Last good checkpoint: step 6"):
     toy.run(str(tmp_path), STEPS, nan_at=7, num_devices=1)
   steps = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())
   assert steps == [3, 6]
-  variables, step = train.load_variables(tmp_path, "latest")
+  variables, step = load_variables(tmp_path, "latest")
   assert step == 6
   assert all(np.isfinite(x).all() for x in jax.tree.leaves(variables))
 
@@ -287,7 +291,7 @@ def test_sigterm_saves_then_exits_and_resumes_exactly(reference_run, tmp_path):
     toy.run(str(tmp_path), STEPS, sigterm_at=5, eval_every=4, num_devices=1)
   # The signal arrives after step 5; the loop notices it at the next step boundary.
   assert info.value.step == 6 and info.value.code == 143
-  assert train.load_variables(tmp_path, "latest")[1] == 6
+  assert load_variables(tmp_path, "latest")[1] == 6
   resumed = toy.run(str(tmp_path), STEPS, eval_every=4, num_devices=1)
   assert resumed["resumed_from"] == 6 and resumed["params_digest"] == ref["params_digest"]
   # keep=2: only the two newest periodic checkpoints remain.
@@ -307,22 +311,22 @@ def test_pretrained_hook_and_frozen_leaves(tmp_path):
   mask = jax.tree_util.tree_map_with_path(lambda path, _: "Conv_0" not in jax.tree_util.keystr(path),
                                           params_shape)
   toy.run(str(tmp_path), 3, every=0, num_devices=1, pretrained=pretrained, trainable_mask=mask)
-  variables, _ = train.load_variables(tmp_path, "latest")
+  variables, _ = load_variables(tmp_path, "latest")
   np.testing.assert_array_equal(variables["params"]["Conv_0"]["kernel"], 0.5)
   dense = variables["params"]["Dense_0"]["kernel"]
   assert np.abs(dense - 0.5).max() > 1e-4 and np.abs(dense - 0.5).max() < 0.5
 
 
 def test_batch_not_divisible_by_devices_is_a_clear_error():
-  mesh = train.make_mesh(jax.devices()[:1])
-  assert train.shard_batch({"x": np.zeros((3, 2))}, mesh)["x"].shape == (3, 2)
+  mesh = make_mesh(jax.devices()[:1])
+  assert shard_batch({"x": np.zeros((3, 2))}, mesh)["x"].shape == (3, 2)
   with pytest.raises(ValueError, match=r"config key train.batch_size: 3; expected a multiple of the 2 devices"):
     fake = type("M", (), {"size": 2})()  # only .size is consulted before the error
-    train.shard_batch({"x": np.zeros((3, 2))}, fake)
+    shard_batch({"x": np.zeros((3, 2))}, fake)
 
 
 def test_padded_batches_and_batched_apply():
-  from oeem_jax import parallel
+  from oeem_jax.engine import parallel
   a, b = np.arange(10, dtype=np.float32).reshape(5, 2), np.arange(5, dtype=np.uint8)
   got = list(parallel.padded_batches((a, b), 2))
   assert [k for k, _ in got] == [2, 2, 1]
@@ -330,7 +334,7 @@ def test_padded_batches_and_batched_apply():
              for _, (x, y) in got)
   np.testing.assert_array_equal(got[-1][1][0], [[8, 9], [0, 0]])  # the last batch is zero-padded
   assert list(parallel.padded_batches((a[:0],), 2)) == []
-  mesh = train.make_mesh(jax.devices()[:1])
+  mesh = make_mesh(jax.devices()[:1])
   fake = type("M", (), {"size": 4})()
   assert parallel.round_to_mesh(3, fake) == 4 and parallel.round_to_mesh(8, fake) == 8
   apply = parallel.BatchedApply(lambda v, x, y: (x * v, y + 1), mesh, 2)
@@ -360,10 +364,10 @@ def test_loop_options_from_config_and_schedule_of_a_step():
 def test_setup_distributed_modes(monkeypatch):
   monkeypatch.delenv("JAX_COORDINATOR_ADDRESS", raising=False)
   monkeypatch.delenv("OEEM_DISTRIBUTED", raising=False)
-  assert train.setup_distributed("auto") is False  # nothing asks for it: stays single-process
-  assert train.setup_distributed(False) is False
+  assert setup_distributed("auto") is False  # nothing asks for it: stays single-process
+  assert setup_distributed(False) is False
   with pytest.raises(ValueError, match="train.distributed"):
-    train.setup_distributed("maybe")
+    setup_distributed("maybe")
 
 
 # ---- stage helpers ----------------------------------------------------------------------------------
@@ -372,7 +376,7 @@ def test_setup_distributed_modes(monkeypatch):
 def test_seg_reads_pseudo_masks_and_rejects_bad_ones(tmp_path):
   import ml_collections
 
-  from oeem_jax import artifacts, io_utils
+  from oeem_jax.runtime import artifacts, io_utils
   from oeem_jax.stages import seg as seg_stage
 
   mask = np.zeros((5, 7), np.uint8)
@@ -400,9 +404,13 @@ def test_seg_reads_pseudo_masks_and_rejects_bad_ones(tmp_path):
   ex.image = np.zeros((6, 7, 3), np.uint8)
   with pytest.raises(ValueError, match="7x5 \\(WxH\\), the image is 7x6"):
     artifacts.read_pseudo_mask(tmp_path / "cam" / "pseudo_masks" / "train_1.png", (6, 7))
-  cfg.seg.mask_source = "both"
-  with pytest.raises(ValueError, match="seg.mask_source"):
-    seg_stage.training_masks(cfg, tmp_path / "seg", [ex])
+  # Another source is refused by the config check before the stage runs (not again by the stage).
+  from oeem_jax.config import check as config_check
+  from oeem_jax.config.base import load_config_file
+  c = load_config_file("seg_oeem").get_config("cpu")
+  c.seg.mask_source = "both"
+  with pytest.raises(errors.ConfigError, match="config key seg.mask_source: 'both'; expected one of pseudo, true"):
+    config_check.validate(c)
 
 
 def test_segmenter_backbone_from_the_classifier(tmp_path, monkeypatch):
@@ -436,7 +444,7 @@ def test_segmenter_backbone_from_the_classifier(tmp_path, monkeypatch):
   with pytest.raises(FileNotFoundError, match="no classifier checkpoint in .*cls.*backbone_init=''"):
     seg_stage.init_hook(cfg, tmp_path / "seg")
   (tmp_path / "cls" / "best").mkdir(parents=True)
-  monkeypatch.setattr(train, "load_variables", lambda d, which: (cls_vars, 7))
+  monkeypatch.setattr(seg_stage, "load_variables", lambda d, which: (cls_vars, 7))
   hook = seg_stage.init_hook(cfg, tmp_path / "seg")
   got = hook(seg_vars)
   np.testing.assert_array_equal(got["params"]["backbone"]["conv1a"]["kernel"],

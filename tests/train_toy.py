@@ -61,12 +61,14 @@ def run(workdir: str, steps: int, *, batch_size: int = 8, seed: int = 0, every: 
         sigterm_at: int | None = None, eval_every: int = 0, async_checkpoint: bool = True,
         num_devices: int | None = None, tensorboard: bool = False, stop_at: int | None = None,
         pretrained=None, trainable_mask=None, identity=None):
-  """Trains the toy with `oeem_jax.train.train_loop`; returns its result dict."""
+  """Trains the toy with `oeem_jax.engine.train.train_loop`; returns its result dict."""
   import jax
   import jax.numpy as jnp
   import optax
 
-  from oeem_jax import train
+  from oeem_jax.engine import train
+  from oeem_jax.engine.optim import make_optimizer
+  from oeem_jax.engine.parallel import make_mesh
 
   model = make_model()
 
@@ -101,7 +103,7 @@ def run(workdir: str, steps: int, *, batch_size: int = 8, seed: int = 0, every: 
     if stop_at is not None and step == stop_at:
       raise StopToy(step)
 
-  tx, schedule = train.make_optimizer(lr, steps, weight_decay=1e-4, trainable_mask=trainable_mask)
+  tx, schedule = make_optimizer(lr, steps, weight_decay=1e-4, trainable_mask=trainable_mask)
   task = train.Task(init_variables=init_variables, loss_fn=loss_fn, make_iterator=make_iterator,
                     tx=tx, schedule=schedule, pretrained=pretrained,
                     eval_fn=eval_fn if eval_every else None)
@@ -110,7 +112,7 @@ def run(workdir: str, steps: int, *, batch_size: int = 8, seed: int = 0, every: 
                               best_metric="peak" if eval_every else None, name="toy",
                               async_checkpoint=async_checkpoint, tensorboard=tensorboard)
   return train.train_loop(workdir, task, options, run_identity=identity, step_hook=hook,
-                          mesh=train.make_mesh(jax.devices()[:num_devices]) if num_devices else None)
+                          mesh=make_mesh(jax.devices()[:num_devices]) if num_devices else None)
 
 
 def overfit_stages(workdir: str, steps: int = 30, lr: float = 0.05) -> dict:
@@ -125,7 +127,8 @@ def overfit_stages(workdir: str, steps: int = 30, lr: float = 0.05) -> dict:
   import ml_collections
   import numpy as np
 
-  from oeem_jax import train
+  from oeem_jax.engine import train
+  from oeem_jax.engine.optim import make_optimizer
   from oeem_jax.models import CAMClassifier, PSPNet
   from oeem_jax.stages import cls as cls_stage
   from oeem_jax.stages import seg as seg_stage
@@ -163,7 +166,7 @@ def overfit_stages(workdir: str, steps: int = 30, lr: float = 0.05) -> dict:
       while True:
         yield batch
 
-    tx, schedule = train.make_optimizer(lr, steps, weight_decay=1e-4)
+    tx, schedule = make_optimizer(lr, steps, weight_decay=1e-4)
     task = train.Task(init_variables=init, loss_fn=make_loss(model), make_iterator=iterator, tx=tx,
                       schedule=schedule)
     options = train.LoopOptions(total_steps=steps, seed=0, checkpoint_every=0, log_every=5,
@@ -205,8 +208,9 @@ def main(argv=None) -> int:
   if args.overfit_stages:
     result["stages"] = overfit_stages(os.path.join(args.workdir, "stages"))
   if args.out:
-    from oeem_jax import io_utils, train
-    variables, result["checkpoint_step"] = train.load_variables(args.workdir, "latest")
+    from oeem_jax.engine.checkpoint import load_variables
+    from oeem_jax.runtime import io_utils
+    variables, result["checkpoint_step"] = load_variables(args.workdir, "latest")
     flat = [np.asarray(x, np.float64).ravel().tolist() for x in jax.tree.leaves(variables["params"])]
     result["flat_params"] = flat
     io_utils.atomic_write_json(args.out, result)

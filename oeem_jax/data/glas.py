@@ -38,21 +38,23 @@ import numpy as np
 import tensorflow_datasets as tfds
 from absl import logging
 
-from oeem_jax.data.source import (EXPECTED_COUNTS, GRADES, IMAGE_SUFFIXES, PREFIX_TO_SPLIT,
-                                  SPLIT_PREFIXES, Example, GlasDataError, SourceRecord, binary_to_instances,
-                                  check_counts, decode_image, decode_mask, list_source, natural_key,
-                                  png_kind, read_grades, scan_source, validate_records)
-from oeem_jax.data.splits import carve_validation, select_validation
+from oeem_jax.data.source import (
+  EXPECTED_COUNTS,
+  GRADES,
+  SPLIT_PREFIXES,
+  Example,
+  SourceRecord,
+  decode_image,
+  decode_mask,
+  natural_key,
+  png_kind,
+  scan_source,
+  validate_records,
+)
 
 BUILDER_VERSION = "1.1.0"
 
-__all__ = [  # this module's own names, then the names it re-exports from source, splits and loader
-    "BUILDER_VERSION", "Glas", "build_dataset", "read_split", "source_fingerprint",
-    "EXPECTED_COUNTS", "GRADES", "IMAGE_SUFFIXES", "PREFIX_TO_SPLIT", "SPLIT_PREFIXES", "Example",
-    "GlasDataError", "SourceRecord", "binary_to_instances", "check_counts", "decode_image", "decode_mask",
-    "list_source", "natural_key", "png_kind", "read_grades", "scan_source", "validate_records",
-    "carve_validation", "select_validation", "GlasSplits", "cache_root", "load_splits", "_BANNER_SHOWN",
-]
+__all__ = ["BUILDER_VERSION", "Glas", "build_dataset", "read_split", "source_fingerprint"]
 
 
 def source_fingerprint(folder: str | os.PathLike, records: Iterable[SourceRecord]) -> str:
@@ -166,7 +168,7 @@ def build_dataset(folder: str | os.PathLike, root: str | os.PathLike, *,
 
   Args:
     folder: the GlaS source folder (see `source`).
-    root: cache root (e.g. `loader.cache_root(config.data)`).
+    root: cache root (e.g. `io_utils.cache_root(config.data)`).
     expected: {split: image count} checked unless `allow_partial`.
     allow_partial: accept other counts (with a warning).
     notes: list that receives the notes of the checks (see `source.scan_source`).
@@ -204,7 +206,7 @@ def build_dataset(folder: str | os.PathLike, root: str | os.PathLike, *,
         raise
       logging.info("Another process prepared %s first; reusing it", data_dir)
       builder = Glas(data_dir=os.fspath(data_dir), **builder_kw)
-    from oeem_jax import io_utils
+    from oeem_jax.runtime import io_utils
     io_utils.atomic_write_json(notes_file, decode_notes)
   else:
     logging.info("Reusing prepared TFDS glas in %s (source %s)", data_dir, folder)
@@ -239,6 +241,3 @@ def read_split(builder: Glas, split: str) -> list[Example]:
   out.sort(key=lambda e: natural_key(e.name))
   return out
 
-
-# `load_splits` and its helpers live in `loader` (which imports this module when it first builds).
-from oeem_jax.data.loader import _BANNER_SHOWN, GlasSplits, cache_root, load_splits  # noqa: E402

@@ -24,6 +24,7 @@ from absl import logging
 
 from oeem_jax.data.source import EXPECTED_COUNTS, SPLIT_PREFIXES, Example, natural_key, scan_source
 from oeem_jax.data.splits import carve_validation, select_validation
+from oeem_jax.runtime.io_utils import cache_root
 
 
 @dataclasses.dataclass
@@ -48,15 +49,6 @@ class GlasSplits:
 
   def counts(self) -> dict[str, int]:
     return {k: len(v) for k, v in self.splits.items()}
-
-
-def cache_root(data_cfg) -> Path:
-  """`data.cache_dir`, else `$XDG_CACHE_HOME/oeem_jax`, else `~/.cache/oeem_jax`."""
-  d = _get(data_cfg, "cache_dir", "")
-  if d:
-    return Path(d).expanduser()
-  xdg = os.environ.get("XDG_CACHE_HOME")
-  return (Path(xdg) if xdg else Path.home() / ".cache") / "oeem_jax"
 
 
 def _get(cfg, key: str, default: Any) -> Any:

@@ -16,100 +16,20 @@ Examples are fed from host NumPy arrays by a Python generator (only the example 
 TF, nothing big is baked into the graph); augmentation runs in a parallel, order-preserving `map`;
 batches are `drop_remainder` and prefetched. Streams are infinite.
 
-Normalisation (docs/reference.md §1):
-* classification: RGB scaled to [0, 1], then `(x - CLS_MEAN) / CLS_STD` with the reference's GlaS
-  constants. Measured on the 85 GlaS train images (stage `prepare`, `rgb_stats["train+val"]`, 0..1 RGB,
-  pixel-weighted): mean (0.7878, 0.5120, 0.7849), std (0.1677, 0.2484, 0.1323); the reference's values
-  agree to within 0.002.
-* segmentation: RGB in 0..255, `(x - SEG_MEAN) / SEG_STD` with the ImageNet statistics (mmseg's
-  `to_rgb=True` with the RGB-ordered constants).
-* EfficientNet-Lite backbones, both stages: `(x - 127) / 128` on 0..255 RGB, what their ImageNet
-  weights were trained with (`input_stats`); the two above stay ResNet38's, as in the reference.
+Input normalisation (the network contract) lives in `oeem_jax.models.network`.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Iterator, Sequence
 
 import numpy as np
 import tensorflow as tf
 
-CLS_MEAN = np.array([0.787, 0.511, 0.785], np.float32)
-CLS_STD = np.array([0.167, 0.248, 0.131], np.float32)
-SEG_MEAN = np.array([123.675, 116.28, 103.53], np.float32)
-SEG_STD = np.array([58.395, 57.12, 57.375], np.float32)
+from oeem_jax.models.network import Stats, normalize_cls, normalize_seg
+
 IGNORE_INDEX = 255
-
-
-def _as_float32(x):
-  if isinstance(x, (tf.Tensor, tf.Variable)):
-    return tf.cast(x, tf.float32)
-  if hasattr(x, "astype"):  # numpy / jax arrays
-    return x.astype(np.float32)
-  return np.asarray(x, np.float32)
-
-
-Stats = tuple[tuple[float, float, float], tuple[float, float, float]]
-
-
-def input_stats(backbone: str) -> Stats | None:
-  """(mean, std) on 0..255 RGB that `backbone`'s networks take in both stages, or None for ResNet38
-  (whose stages keep `normalize_cls` / `normalize_seg`, as the reference).
-
-  EfficientNet-Lite: (127, 127, 127) / (128, 128, 128), the preprocessing its ImageNet weights were
-  trained with (TensorFlow's EfficientNet-Lite builder).
-  """
-  if backbone.startswith("efficientnet_lite"):
-    return ((127.0, 127.0, 127.0), (128.0, 128.0, 128.0))
-  return None
-
-
-def _normalize_stats(x, stats: Stats):
-  mean = np.asarray(stats[0], np.float32)
-  inv_std = np.float32(1.0) / np.asarray(stats[1], np.float32)
-  return (x - mean) * inv_std
-
-
-def normalize(image, kind: str, stats: Stats | None = None):
-  """Input normalisation of either network (docs/reference.md §1).
-
-  Args:
-    image: uint8 (or float in 0..255) RGB [..., 3], NumPy, JAX or TF.
-    kind: "cls": `(image / 255 - CLS_MEAN) / CLS_STD` (GlaS statistics on 0..1 RGB; values roughly
-      in [-5, 2]); "seg": `(image - SEG_MEAN) / SEG_STD` (ImageNet statistics on 0..255 RGB;
-      roughly [-2.2, 2.7]).
-    stats: (mean, std) on 0..255 RGB (`input_stats`, e.g. ImageNet's for a pretrained backbone)
-      replacing either default: `(image - mean) / std`.
-
-  Returns:
-    float32 [..., 3] of the same array type.
-  """
-  x = _as_float32(image)
-  if stats is not None:
-    return _normalize_stats(x, stats)
-  if kind == "cls":
-    return (x * np.float32(1.0 / 255.0) - CLS_MEAN) / CLS_STD
-  return (x - SEG_MEAN) / SEG_STD
-
-
-def normalize_cls(image, stats: Stats | None = None):
-  """`normalize(image, "cls", stats)`: the classifier's input."""
-  return normalize(image, "cls", stats)
-
-
-def normalize_seg(image, stats: Stats | None = None):
-  """`normalize(image, "seg", stats)`: the segmenter's input."""
-  return normalize(image, "seg", stats)
-
-
-@functools.lru_cache(maxsize=None)
-def normalizer(kind: str, stats: Stats | None = None):
-  """One function object per (kind, stats): `normalize_cls` or `normalize_seg` with `stats` bound
-  (hashable, so jit caches keyed on it compile once)."""
-  fn = {"cls": normalize_cls, "seg": normalize_seg}[kind]
-  return fn if stats is None else functools.partial(fn, stats=stats)
 
 
 # ----------------------------------------------------------------------------------------------

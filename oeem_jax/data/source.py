@@ -40,6 +40,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from absl import logging
 
+from oeem_jax.errors import GlasDataError
+
 # Order of the TFDS splits generated from the three GlaS name prefixes.
 SPLIT_PREFIXES = {"train": "train", "test_a": "testA", "test_b": "testB"}
 PREFIX_TO_SPLIT = {v: k for k, v in SPLIT_PREFIXES.items()}
@@ -49,10 +51,6 @@ IMAGE_SUFFIXES = (".png", ".bmp")
 
 _FILE_RE = re.compile(r"^(train|testA|testB)_(\d+)(_anno)?\.(png|bmp)$", re.IGNORECASE)
 _CANON_PREFIX = {"train": "train", "testa": "testA", "testb": "testB"}
-
-
-class GlasDataError(ValueError):
-  """A GlaS source folder (or config) that does not match what the loader expects."""
 
 
 @dataclasses.dataclass

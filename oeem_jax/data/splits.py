@@ -13,7 +13,9 @@ from typing import Collection, Mapping, Sequence
 
 import numpy as np
 
-from oeem_jax.data.source import Example, GlasDataError, natural_key
+from oeem_jax.data.source import Example, natural_key
+from oeem_jax.errors import GlasDataError
+
 
 def _stable_rank(key: str) -> int:
   return int.from_bytes(hashlib.sha256(f"oeem-val:{key}".encode()).digest()[:8], "big")

@@ -198,7 +198,7 @@ def stitch_probabilities(tile_probs: np.ndarray, boxes: np.ndarray, h: int, w: i
 
   Args:
     tile_probs: float[T, t, t, C] per-tile class probabilities (each pixel sums to 1), e.g.
-      `oeem_jax.pseudo_mask.label_masked_softmax`.
+      `oeem_jax.method.pseudo_mask.label_masked_softmax`.
     boxes: int[T, 2] (y, x) top-left corners.
     h, w: output size.
 

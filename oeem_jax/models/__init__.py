@@ -20,12 +20,12 @@ from typing import Any
 import jax
 import optax
 
+from oeem_jax.engine.optim import mask_frozen
 from oeem_jax.models.classifier import BACKBONES, CAMClassifier
 from oeem_jax.models.efficientnet_lite import EfficientNetLite
 from oeem_jax.models.factory import bn_frozen, make_classifier, make_segmenter, segmenter_apply_fn
 from oeem_jax.models.pspnet import PSPNet, adaptive_avg_pool, adaptive_pool_matrix
 from oeem_jax.models.resnet38 import CONV_IMPLS, ResNet38, feature_size, scaled_channels
-from oeem_jax.optim import mask_frozen
 
 __all__ = [
     "ResNet38", "EfficientNetLite", "BACKBONES", "CAMClassifier", "PSPNet", "feature_size", "scaled_channels", "adaptive_avg_pool",
@@ -109,6 +109,6 @@ def freeze_frozen(tx: optax.GradientTransformation, params: Any, *, freeze_stem:
                   freeze_bn: bool = False) -> optax.GradientTransformation:
   """Wraps `tx` so frozen parameters (see `trainable_mask`) get zero updates and no optimizer state.
 
-  Weight decay or momentum inside `tx` never touches the frozen leaves (`oeem_jax.optim.mask_frozen`).
+  Weight decay or momentum inside `tx` never touches the frozen leaves (`oeem_jax.engine.optim.mask_frozen`).
   """
   return mask_frozen(tx, trainable_mask(params, freeze_stem=freeze_stem, freeze_bn=freeze_bn))

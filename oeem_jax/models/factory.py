@@ -4,8 +4,8 @@
 (`cls.num_classes` / `cls.b7_dilation`, `seg.num_classes` / `seg.b7_dilation`).
 
 A training stage writes its network's constructor arguments beside its checkpoints (`network_card`,
-saved as `WORKDIR/<stage>/network.json` by `oeem_jax.artifacts`), and `network_from_card` rebuilds
-exactly that module from them (`oeem_jax.stages.trained_network`): the later stages need no config
+saved as `WORKDIR/<stage>/network.json` by `oeem_jax.runtime.artifacts`), and `network_from_card` rebuilds
+exactly that module from them (`oeem_jax.models.network.trained_network`): the later stages need no config
 of the training run.
 """
 
@@ -14,7 +14,8 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING, Any, Callable, Mapping
 
-from oeem_jax.config_check import BN_MODES, ConfigError
+from oeem_jax.config.check import BN_MODES
+from oeem_jax.errors import ConfigError
 
 if TYPE_CHECKING:  # annotations only
   import ml_collections
@@ -40,7 +41,7 @@ def bn_frozen(config: ml_collections.ConfigDict, stage: str) -> bool:
     stage: "cls" or "seg".
 
   Raises:
-    config_check.ConfigError (a ValueError): another value of `model.bn`.
+    errors.ConfigError (a ValueError): another value of `model.bn`.
   """
   mode = str(config.model.get("bn", "auto"))
   if mode not in BN_MODES:
@@ -66,7 +67,7 @@ def make_classifier(config: ml_collections.ConfigDict, *, frozen_bn: bool | None
     frozen_bn: BN on running statistics; None = `bn_frozen(config, "cls")` (config key model.bn).
 
   Raises:
-    config_check.ConfigError: a bad `model.bn`; a bad `model.dtype` raises TypeError (numpy).
+    errors.ConfigError: a bad `model.bn`; a bad `model.dtype` raises TypeError (numpy).
   """
   from oeem_jax.models.classifier import CAMClassifier
   frozen = bn_frozen(config, "cls") if frozen_bn is None else frozen_bn
@@ -85,7 +86,7 @@ def make_segmenter(config: ml_collections.ConfigDict) -> PSPNet:
   `bn_frozen(config, "seg")`.
 
   Raises:
-    config_check.ConfigError: a bad `model.bn`; a bad `model.dtype` raises TypeError (numpy).
+    errors.ConfigError: a bad `model.bn`; a bad `model.dtype` raises TypeError (numpy).
   """
   from oeem_jax.models.pspnet import PSPNet
   seg_cfg = config.get("seg", {})
@@ -101,7 +102,7 @@ def segmenter_apply_fn(model: Any, variables: dict[str, Any]
   """A jitted eval-mode logits function of a segmenter: float32[B, h, w, 3] -> float32[B, h, w, C].
 
   The variables ({"params", "batch_stats"}) are closed over as device arrays; jit caches one
-  executable per input shape, and `oeem_jax.inference` only ever feeds one shape. Input and output
+  executable per input shape, and `oeem_jax.evaluation.inference` only ever feeds one shape. Input and output
   are NumPy arrays.
   """
   import jax
@@ -129,8 +130,8 @@ def network_card(model: Any, *, input_kind: str, input_stats: Any, input_size: i
 
   Args:
     model: a `CAMClassifier` or `PSPNet` (an unbound flax module).
-    input_kind: "cls" or "seg": the `data.pipeline.normalize` kind the network was trained with.
-    input_stats: (mean, std) on 0..255 RGB replacing that kind's default (`stages.input_stats`), or
+    input_kind: "cls" or "seg": the `models.network.normalize` kind the network was trained with.
+    input_stats: (mean, std) on 0..255 RGB replacing that kind's default (`network.config_input_stats`), or
       None.
     input_size: side in pixels of the training inputs (cls: tile input size, seg: crop size); the
       cam stage feeds CAM tiles at this size.

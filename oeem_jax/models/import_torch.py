@@ -38,6 +38,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from oeem_jax.errors import MissingExtraError
+
 _BN_MAP = {"weight": ("params", "scale"), "bias": ("params", "bias"),
            "running_mean": ("batch_stats", "mean"), "running_var": ("batch_stats", "var")}
 
@@ -52,11 +54,6 @@ PRETRAINED = {
                               f"EfficientnetLite{i}ModelFile")
     for i in (0, 1, 2)
 }
-
-
-class MissingExtraError(ImportError):
-  """An optional dependency (torch, a weight package) is not installed; the message gives the pip
-  command. `oeem_jax.main` prints it as one `error:` line (exit status 2)."""
 
 
 def _import_torch():
@@ -303,7 +300,7 @@ def convert_efficientnet_lite(state_dict: Mapping[str, np.ndarray]) -> dict[str,
 
 def _cached_conversion(path: Path, cache_dir: str | os.PathLike | None) -> dict[str, np.ndarray]:
   """`convert_efficientnet_lite(read_torch_state_dict(path))`, cached as an .npz next to the data cache."""
-  from oeem_jax import io_utils  # noqa: PLC0415
+  from oeem_jax.runtime import io_utils  # noqa: PLC0415
 
   cache = None
   if cache_dir is not None:

@@ -21,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from oeem_jax import train
+from oeem_jax.engine import train
+from oeem_jax.engine.optim import optimizer_from_config
+from oeem_jax.engine.parallel import make_mesh
 
 if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collections
   import ml_collections
@@ -46,7 +48,7 @@ class StageParts:
     make_validator: (mesh) -> `train.Task.eval_fn` on `val_examples`; called only when there are
       some.
     best_metric: key of the validator's metrics that decides the best checkpoint.
-    identity: the run's identity (`train.run_identity` plus what the stage adds).
+    identity: the run's identity (`checkpoint.run_identity` plus what the stage adds).
   """
   name: str
   model: Any
@@ -69,14 +71,14 @@ def train_stage(config: ml_collections.ConfigDict, stage_dir: Path, parts: Stage
     the summary fields of `train.train_loop`.
 
   Raises:
-    everything `train.train_loop` raises (`train.NonFiniteLossError`, `train.Preempted`,
-    ValueError / config_check.ConfigError for bad values or a resume of another run).
+    everything `train.train_loop` raises (`errors.NonFiniteLossError`, `train.Preempted`,
+    ValueError / errors.ConfigError for bad values or a resume of another run).
   """
   model, size = parts.model, int(parts.input_size)
   if jax.process_index() == 0:  # one writer on a shared filesystem
-    from oeem_jax import artifacts
     from oeem_jax.models import factory
-    from oeem_jax.stages import input_stats
+    from oeem_jax.models.network import config_input_stats as input_stats
+    from oeem_jax.runtime import artifacts
     artifacts.write_network_card(stage_dir, factory.network_card(
         model, input_kind=parts.name, input_stats=input_stats(config), input_size=size))
 
@@ -88,14 +90,14 @@ def train_stage(config: ml_collections.ConfigDict, stage_dir: Path, parts: Stage
     from oeem_jax.models import trainable_mask
     abstract = jax.eval_shape(init_variables, jax.random.PRNGKey(0))
     mask = trainable_mask(abstract["params"], **parts.freeze)
-  tx, schedule = train.optimizer_from_config(config.train, steps, trainable_mask=mask)
+  tx, schedule = optimizer_from_config(config.train, steps, trainable_mask=mask)
 
   def make_iterator(start_step):
     # Finite: nothing is left in flight when training ends (tearing down a busy tf.data pipeline
     # can take tens of seconds).
     return parts.dataset(start_step).take(max(steps - start_step, 0)).as_numpy_iterator()
 
-  mesh = train.make_mesh()
+  mesh = make_mesh()
   validator = None
   if parts.val_examples:
     validator = parts.make_validator(mesh)

@@ -27,21 +27,23 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from oeem_jax import artifacts, metrics, pseudo_mask
 from oeem_jax.data import tiles as tiles_lib
+from oeem_jax.evaluation import metrics
+from oeem_jax.method import pseudo_mask
+from oeem_jax.runtime import artifacts
 
 
 def _select_examples(data, splits: str) -> tuple[list[str], list]:
   """(split names, their examples in order) of `cam.splits` (comma-separated).
 
   Raises:
-    config_check.ConfigError: a name that is not a split of `data`.
+    errors.ConfigError: a name that is not a split of `data`.
   """
   names = [s.strip() for s in splits.split(",") if s.strip()]
   examples = []
   for s in names:
     if s not in data.splits:
-      from oeem_jax.config_check import ConfigError
+      from oeem_jax.errors import ConfigError
       raise ConfigError("cam.splits", repr(splits), "comma-separated names from " +
                         ", ".join(sorted(data.splits)))
     examples.extend(data.splits[s])
@@ -57,14 +59,14 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   """
   import jax
 
-  from oeem_jax import train
-  from oeem_jax.data import glas
+  from oeem_jax.data import loader
+  from oeem_jax.engine.checkpoint import load_variables
   from oeem_jax.models.classifier import CAMClassifier
-  from oeem_jax.stages import trained_network
+  from oeem_jax.models.network import trained_network
 
   cam_cfg, data_cfg = config.cam, config.data
   cls_dir = artifacts.upstream_dir(stage_dir, "cls", cam_cfg.cls_dir)
-  variables, step = train.load_variables(cls_dir, cam_cfg.checkpoint)
+  variables, step = load_variables(cls_dir, cam_cfg.checkpoint)
   logging.info("cam: restored %s classifier checkpoint of step %d from %s", cam_cfg.checkpoint, step,
                cls_dir)
   network = trained_network(cls_dir, "cls")
@@ -74,12 +76,12 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   def cam_fn(params, x):
     return model.apply(params, x, method=CAMClassifier.cam)
 
-  data = glas.load_splits(data_cfg)
+  data = loader.load_splits(data_cfg)
   names, examples = _select_examples(data, str(cam_cfg.splits))
 
   tile, stride = int(data_cfg.tile_size), int(data_cfg.tile_stride)
   scales = tuple(float(s) for s in cam_cfg.scales)
-  stitch = str(cam_cfg.stitch)  # checked with the config (config_check: cam.stitch)
+  stitch = str(cam_cfg.stitch)  # checked with the config (config.check: cam.stitch)
   temperature = float(cam_cfg.stitch_temperature) if stitch == "soft" else None
   conf_cam = np.zeros((2, 2), np.int64)
   conf_pseudo = np.zeros((2, 2), np.int64)

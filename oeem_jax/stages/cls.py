@@ -5,7 +5,7 @@
 Data: the 112×112 tiles (stride 56) of the training images (the validation images carved out of
 GlaS train are held back) with their multi-hot patch labels [non-gland, gland] from the true masks
 (`oeem_jax.data.tiles`), streamed by `oeem_jax.data.pipeline.cls_dataset` (random resized crop to
-`cls.input_size`, flips, GlaS normalisation). Loss: BCE with logits (`oeem_jax.losses.bce_with_logits`).
+`cls.input_size`, flips, GlaS normalisation). Loss: BCE with logits (`oeem_jax.method.losses.bce_with_logits`).
 
 Model: `CAMClassifier` (`model.backbone`: ResNet-38d with B7 dilation 2, or EfficientNet-Lite0 at
 output stride 8). From scratch, BatchNorm trains (batch statistics, synchronised over the global
@@ -36,11 +36,15 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from oeem_jax import losses, metrics, train
 from oeem_jax.data import tiles as tiles_lib
-from oeem_jax.parallel import BatchedApply
-from oeem_jax.pseudo_mask import label_masked_argmax, label_masked_softmax
-from oeem_jax.stages import imagenet_init_hook, input_stats
+from oeem_jax.engine import train
+from oeem_jax.engine.checkpoint import run_identity
+from oeem_jax.engine.parallel import BatchedApply
+from oeem_jax.evaluation import metrics
+from oeem_jax.method import losses
+from oeem_jax.method.pseudo_mask import label_masked_argmax, label_masked_softmax
+from oeem_jax.models.network import config_input_stats as input_stats
+from oeem_jax.models.network import imagenet_init_hook
 from oeem_jax.stages._training import StageParts, colour_mask, panel, summary_line, train_stage
 
 if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collections
@@ -100,7 +104,7 @@ class Validator:
   def __init__(self, model, examples, data_cfg, *, input_size: int, batch_size: int, mesh,
                num_images: int = 3, stats=None, stitch: str = "vote",
                stitch_temperature: float = 48.0):
-    from oeem_jax.data.pipeline import normalize_cls
+    from oeem_jax.models.network import normalize_cls
     self.examples = list(examples)
     self.size, self.stride = int(data_cfg.tile_size), int(data_cfg.tile_stride)
     self.tiles, self.labels, self.counts = [], [], []
@@ -110,8 +114,6 @@ class Validator:
       self.labels.append(lab)
       self.counts.append(len(t))
     self.num_images = num_images
-    if stitch not in tiles_lib.STITCH_MODES:
-      raise ValueError(f"cls.stitch must be one of {tiles_lib.STITCH_MODES}, got {stitch!r}")
     self.stitch = stitch
     temperature = float(stitch_temperature) if stitch == "soft" else None
     size = self.size
@@ -192,17 +194,16 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   Raises:
     ValueError: bad config values (e.g. batch not divisible by the devices).
     FileNotFoundError: `model.init_checkpoint` does not exist.
-    train.NonFiniteLossError, train.Preempted: see `train.train_loop`.
+    errors.NonFiniteLossError, train.Preempted: see `train.train_loop`.
   """
-  train.setup_distributed(config.train.distributed)
-  from oeem_jax.data import glas, pipeline
+  from oeem_jax.data import loader, pipeline
 
-  data = glas.load_splits(config.data)
+  data = loader.load_splits(config.data)
   tiles, labels = build_tiles(data.splits["train"], config.data)
   batch = int(config.train.batch_size)
   steps = int(config.train.steps) or int(config.cls.epochs) * (len(tiles) // batch)
   if steps <= 0:
-    from oeem_jax.config_check import ConfigError
+    from oeem_jax.errors import ConfigError
     raise ConfigError("train.steps", f"{config.train.steps} (cls.epochs {config.cls.epochs} * "
                       f"floor({len(tiles)} tiles / batch {batch}) = {steps} steps)",
                       "a number of steps >= 1, or a train.batch_size below the tile count")
@@ -234,7 +235,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   result = train_stage(config, stage_dir, StageParts(
       name="cls", model=model, input_size=input_size, loss_fn=make_loss_fn(model), dataset=dataset,
       pretrained=load, freeze=freeze, val_examples=data.splits["val"], make_validator=make_validator,
-      best_metric="cam_miou", identity=train.run_identity(config, ("cls", "model", "data"))), steps)
+      best_metric="cam_miou", identity=run_identity(config, ("cls", "model", "data"))), steps)
   fe = result["final_eval"]
   line = summary_line("cls", result, "CAM mIoU", "cam_miou")
   if fe:

@@ -2,7 +2,7 @@
 
 Restores the segmenter checkpoint (orbax; `eval.checkpoint`, default the final one, "latest")
 from `eval.seg_dir` (default WORKDIR/seg), predicts every image of `eval.splits` with multi-scale ×
-flip sliding-window inference (docs/reference.md §6, `oeem_jax.inference.predict_probs`) and writes, in
+flip sliding-window inference (docs/reference.md §6, `oeem_jax.evaluation.inference.predict_probs`) and writes, in
 WORKDIR/eval/:
 
 * `predictions/<name>.png`: the predicted gland mask, 0 = non-gland, 255 = gland (argmax of the
@@ -11,10 +11,10 @@ WORKDIR/eval/:
 * `overlays/<name>.png`: the image with the gland contours of the prediction (green; with
   `eval.split_h` > 0 also the cuts between split glands) and of the ground truth (blue);
 * `metrics.json`: pixel metrics (one dataset-wide confusion matrix) and GlaS object metrics for
-  every split in `eval.splits` (default test, test_a, test_b; `oeem_jax.metrics.evaluate_split`;
+  every split in `eval.splits` (default test, test_a, test_b; `oeem_jax.evaluation.metrics.evaluate_split`;
   `val` scores the validation carve-out, for choosing post-processing settings without the test
   set). Predicted objects are the 8-connected components of the mask, or with `eval.split_h` > 0
-  those components with touching glands split (`oeem_jax.metrics.split_instances`);
+  those components with touching glands split (`oeem_jax.evaluation.metrics.split_instances`);
 * `per_image.csv`: one row per image with its split.
 
 The network is jitted once for a fixed window batch, so the number of compiles does not grow with
@@ -30,9 +30,9 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from oeem_jax import artifacts, inference, io_utils, metrics
+from oeem_jax.evaluation import inference, metrics
+from oeem_jax.runtime import artifacts, io_utils
 
-SPLIT_H_EXPECTED = "an integer distance in pixels >= 0 (0 = no splitting of touching glands)"
 # Contour colours on the overlays (RGB).
 PRED_COLOUR = (0, 255, 0)
 TRUE_COLOUR = (0, 64, 255)
@@ -139,36 +139,27 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
     ValueError: an unknown split name in `eval.splits`, or a negative `eval.min_object_area` /
       `eval.max_hole_area` / `eval.split_h` (ConfigError naming the key).
   """
-  from oeem_jax import train
-  from oeem_jax.data import glas
+  from oeem_jax.data import loader
+  from oeem_jax.engine.checkpoint import load_variables, params_digest
   from oeem_jax.models import segmenter_apply_fn
-  from oeem_jax.stages import trained_network
+  from oeem_jax.models.network import trained_network
 
   eval_cfg = config.eval
-  for key in ("min_object_area", "max_hole_area"):
-    if int(eval_cfg[key]) < 0:
-      from oeem_jax.config_check import ConfigError
-      raise ConfigError(f"eval.{key}", repr(eval_cfg[key]), "an area in pixels >= 0 (0 = off)")
-  split_h = eval_cfg.get("split_h", 0)
-  try:
-    split_h = metrics.check_split_h(split_h, "eval.split_h")
-  except ValueError:
-    from oeem_jax.config_check import ConfigError
-    raise ConfigError("eval.split_h", repr(split_h), SPLIT_H_EXPECTED) from None
+  split_h = int(eval_cfg.get("split_h", 0))  # areas and split_h: checked by config.check.validate
   seg_dir = artifacts.upstream_dir(stage_dir, "seg", eval_cfg.seg_dir)
-  variables, step = train.load_variables(seg_dir, eval_cfg.checkpoint)
-  digest = train.params_digest(variables["params"])  # equals the training summary's for "latest"
+  variables, step = load_variables(seg_dir, eval_cfg.checkpoint)
+  digest = params_digest(variables["params"])  # equals the training summary's for "latest"
   logging.info("eval: restored %s checkpoint of step %d from %s (params_digest %s)",
                eval_cfg.checkpoint, step, seg_dir, digest[:16])
   network = trained_network(seg_dir, "seg")
   normalize = network.normalize
   apply_fn = segmenter_apply_fn(network.model, variables)
 
-  data = glas.load_splits(config.data)
+  data = loader.load_splits(config.data)
   splits = [s.strip() for s in str(eval_cfg.splits).split(",") if s.strip()]
   for s in splits:
     if s not in data.splits:
-      from oeem_jax.config_check import ConfigError
+      from oeem_jax.errors import ConfigError
       raise ConfigError("eval.splits", repr(eval_cfg.splits), "comma-separated names from " +
                         ", ".join(sorted(data.splits)))
   # Predict each image once, even when it belongs to several reported splits (test = a + b).

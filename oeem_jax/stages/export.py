@@ -7,7 +7,7 @@ its checkpoint: by default the one W/eval used, else the final one) and writes W
 (`export.out` to put it elsewhere): `variables/` (orbax) and `model.json` with the network config,
 input normalisation, class names, training pixel size, recommended inference settings (those of
 W/eval when it ran), the stain reference of the training images and provenance
-(`oeem_jax.model_folder`). The folder is written under a temp name and renamed, so a killed export
+(`oeem_jax.predict.model_folder`). The folder is written under a temp name and renamed, so a killed export
 leaves no half-written model.
 
 `python -m oeem_jax.main --config=configs/predict.py --config.predict.model=W/export/model ...`
@@ -22,7 +22,8 @@ from typing import Any
 import ml_collections
 from absl import logging
 
-from oeem_jax import artifacts, model_folder
+from oeem_jax.predict import model_folder
+from oeem_jax.runtime import artifacts
 
 
 def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
@@ -32,7 +33,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
     InputError: the seg stage is not finished, or the checkpoint is missing.
   """
   cfg = config.export
-  mpp = float(cfg.pixel_size_um)  # range checked by config_check (-1, 0 or > 0)
+  mpp = float(cfg.pixel_size_um)  # range checked by config.check (-1, 0 or > 0)
   seg_dir = artifacts.upstream_dir(stage_dir, "seg", cfg.seg_dir)
   card, variables = model_folder.card_from_seg_stage(
       seg_dir, str(cfg.checkpoint), pixel_size_um=mpp, data_dir=str(cfg.data_dir))

@@ -12,38 +12,23 @@ import json
 from pathlib import Path
 from typing import Any
 
-import ml_collections
+import ml_collections  # noqa: F401  (annotations)
 from absl import logging
 
 from oeem_jax import stages
-from oeem_jax.config_check import ConfigError, pipeline_prefix
+from oeem_jax.config.check import pipeline_prefix, stage_config
+from oeem_jax.errors import ConfigError
 
 # Fields of each stage's summary carried into the pipeline's summary.
 _KEEP = ("wall_time_s", "synthetic", "steps", "best_eval", "final_eval", "params_digest", "cam_miou",
          "pseudo_mask_miou", "metrics", "predictions_dir", "pseudo_mask_dir")
 
 
-def stage_config(config: ml_collections.ConfigDict, name: str) -> ml_collections.ConfigDict:
-  """The config of stage `name` inside a pipeline config, with the shared `data` and `seed`."""
-  key = f"stage_{name}"
-  if key not in config:
-    raise ConfigError("pipeline.stages", repr(config.pipeline.stages),
-                      f"stages that have a {key} section")
-  sub = ml_collections.ConfigDict(config[key].to_dict())
-  sub.stage = name
-  sub.seed = config.seed
-  sub.data = ml_collections.ConfigDict(config.data.to_dict())
-  return sub
-
-
 def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   """Runs the pipeline's stages in order; returns per-stage summaries and the final table."""
   workdir = stage_dir.parent  # stage_dir = artifacts.stage_dir(workdir, "pipeline")
+  # config.check.validate checked the names and every stage's section before the run started.
   names = [s.strip() for s in str(config.pipeline.stages).split(",") if s.strip()]
-  for name in names:
-    if name not in stages.STAGES or name == "pipeline":
-      raise ConfigError("pipeline.stages", repr(config.pipeline.stages),
-                        f"some of cls, cam, seg, eval (and prepare); {name!r} is not a stage")
   results: dict[str, Any] = {}
   summary = {}
   for i, name in enumerate(names):
@@ -55,7 +40,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
     else:
       logging.info("pipeline [%d/%d] %s: running", i + 1, len(names), name)
       try:
-        summary = stages.run_stage(stage_config(config, name), workdir)
+        summary = stages.execute_stage(stage_config(config, name), workdir)
       except ConfigError as e:  # name the key as it is written in the pipeline config
         raise e.with_prefix(pipeline_prefix(name, e.key)) from e
     results[name] = {k: summary[k] for k in _KEEP if k in summary}

@@ -4,14 +4,14 @@ r"""Stage `predict`: gland masks, measurements and QuPath annotations for a user
         --config.predict.inputs=PATH --workdir=OUT
 
 `predict.model`: a model folder from stage `export` (W/export/model) or a workdir with a finished
-seg stage (`oeem_jax.model_folder.load_model`). `predict.inputs`: a file, a folder or a glob of PNG,
-JPEG, BMP or TIFF images (`oeem_jax.images`). For each image, under OUT/predict/:
+seg stage (`oeem_jax.predict.model_folder.load_model`). `predict.inputs`: a file, a folder or a glob of PNG,
+JPEG, BMP or TIFF images (`oeem_jax.predict.images`). For each image, under OUT/predict/:
 
 * `masks/<name>.png` (0 = non-gland, 255 = gland), or `masks/<name>.tif` (tiled, Deflate, with the
   resolution tags when the pixel size is known) for images above `predict.tiff_mask_pixels`;
 * `overlays/<name>.png`: the image with the gland contours, downsampled by an integer factor to at
   most `predict.overlay_max_side` px a side;
-* `annotations/<name>.geojson`: one QuPath annotation per gland (`oeem_jax.glands`), in
+* `annotations/<name>.geojson`: one QuPath annotation per gland (`oeem_jax.predict.glands`), in
   full-resolution pixel coordinates, origin top-left (QuPath: File > Import objects);
 * `glands/<name>.csv`: one row per gland (area, perimeter, centroid, bounding box, eccentricity,
   solidity; µm and µm² when the pixel size is known);
@@ -20,7 +20,7 @@ JPEG, BMP or TIFF images (`oeem_jax.images`). For each image, under OUT/predict/
   same input file, model and settings.
 
 `summary.json` lists every image's record and every failure. Prediction is region by region
-(`oeem_jax.regions`), the inference of stage `eval` (one compile for all regions and images), then
+(`oeem_jax.predict.regions`), the inference of stage `eval` (one compile for all regions and images), then
 the post-processing of `eval` (`inference.remove_small_regions`). A bad file in a folder is
 reported and skipped; the others are predicted and the command exits with status 2 at the end.
 """
@@ -37,8 +37,10 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from oeem_jax import glands, images, inference, io_utils, regions, stain
-from oeem_jax.images import InputError
+from oeem_jax.errors import InputError
+from oeem_jax.evaluation import inference
+from oeem_jax.predict import glands, images, regions, stain
+from oeem_jax.runtime import io_utils
 
 SETTING_KEYS = ("scales", "flip", "window", "stride", "batch_size", "min_object_area",
                 "max_hole_area", "split_h")
@@ -324,11 +326,11 @@ _APPLY_CACHE: dict[str, Any] = {}
 
 
 def _apply_fn(loaded):
-  from oeem_jax import train
+  from oeem_jax.engine.checkpoint import params_digest
   from oeem_jax.models import segmenter_apply_fn
 
-  key = json.dumps([train.params_digest(loaded.variables["params"]),
-                    train.params_digest(loaded.variables.get("batch_stats", {})),
+  key = json.dumps([params_digest(loaded.variables["params"]),
+                    params_digest(loaded.variables.get("batch_stats", {})),
                     loaded.card["network"]], sort_keys=True)
   if key not in _APPLY_CACHE:
     _APPLY_CACHE.clear()
@@ -379,7 +381,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
     InputError: a bad config value, a missing or incompatible model, or inputs that name no image
       (per-image problems are reported in the summary instead, with `exit_status` 2).
   """
-  from oeem_jax.model_folder import load_model
+  from oeem_jax.predict.model_folder import load_model
 
   cfg = config.predict
   files = images.list_inputs(cfg.inputs)

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import ml_collections
 import numpy as np
 
-from oeem_jax.data import glas, tiles
+from oeem_jax.data import loader, source, tiles
 
 PATTERNS = {"[1,0]": (1, 0), "[0,1]": (0, 1), "[1,1]": (1, 1)}
 
@@ -48,7 +48,7 @@ def rgb_stats(images: Sequence[np.ndarray]) -> dict[str, list[float]]:
   return {"mean": [round(float(v), 5) for v in mean], "std": [round(float(v), 5) for v in std], "pixels": n}
 
 
-def tile_summary(examples: Sequence[glas.Example], tile: int, stride: int, threshold: float) -> dict[str, Any]:
+def tile_summary(examples: Sequence[source.Example], tile: int, stride: int, threshold: float) -> dict[str, Any]:
   """Tile count and label-pattern counts ([1,0], [0,1], [1,1]) over `examples`."""
   counts = Counter()
   n = 0
@@ -64,7 +64,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   """Builds the dataset and returns the summary fields (see module docstring)."""
   del stage_dir  # everything goes into summary.json
   d = config.data
-  data = glas.load_splits(d)
+  data = loader.load_splits(d)
   per_split = {}
   all_sizes: Counter = Counter()
   for split in ("train", "val", "test_a", "test_b"):
@@ -101,7 +101,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
           "train+val": rgb_stats([e.image for e in data.splits["train"] + data.splits["val"]]),
       },
       "notes": data.notes,
-      # Masks whose gland instances were derived from connected components (glas.binary_to_instances).
+      # Masks whose gland instances were derived from connected components (source.binary_to_instances).
       "binary_masks": [n.split(": mask looks binary")[0] for n in data.notes if ": mask looks binary" in n],
       "final_line": final,
   }

@@ -36,15 +36,19 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from oeem_jax import artifacts, inference, losses, metrics, train
-from oeem_jax.parallel import BatchedApply
-from oeem_jax.stages import imagenet_init_hook, input_stats
+from oeem_jax.engine import train
+from oeem_jax.engine.checkpoint import load_variables, run_identity
+from oeem_jax.engine.parallel import BatchedApply
+from oeem_jax.evaluation import inference, metrics
+from oeem_jax.method import losses
+from oeem_jax.models.network import config_input_stats as input_stats
+from oeem_jax.models.network import imagenet_init_hook
+from oeem_jax.runtime import artifacts
 from oeem_jax.stages._training import StageParts, colour_mask, panel, summary_line, train_stage
 
 if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collections
   import ml_collections
 
-MASK_SOURCES = ("pseudo", "true")
 
 
 def pseudo_dir(config: ml_collections.ConfigDict, stage_dir: Path) -> Path:
@@ -58,18 +62,16 @@ def training_masks(config: ml_collections.ConfigDict, stage_dir: Path, examples:
                    ) -> list[np.ndarray]:
   """uint8[H, W] class masks (0/1, 255 ignore) of `examples` from `seg.mask_source`.
 
+  `seg.mask_source` ("pseudo" or "true") was checked by `config.check.validate`.
+
   Raises:
-    ValueError: unknown `seg.mask_source`; see also `artifacts.read_pseudo_mask`.
+    see `artifacts.read_pseudo_mask`.
   """
-  source = config.seg.mask_source
-  if source == "true":
+  if config.seg.mask_source == "true":
     return [(ex.mask > 0).astype(np.uint8) for ex in examples]
-  if source == "pseudo":
-    folder = pseudo_dir(config, stage_dir)
-    return [artifacts.read_pseudo_mask(artifacts.mask_file(folder, ex.name), ex.image.shape[:2])
-            for ex in examples]
-  from oeem_jax.config_check import ConfigError
-  raise ConfigError("seg.mask_source", repr(source), "one of " + ", ".join(MASK_SOURCES))
+  folder = pseudo_dir(config, stage_dir)
+  return [artifacts.read_pseudo_mask(artifacts.mask_file(folder, ex.name), ex.image.shape[:2])
+          for ex in examples]
 
 
 def _masks_digest(masks: Sequence[np.ndarray]) -> str:
@@ -96,7 +98,7 @@ class Validator:
 
   def __init__(self, model, examples, *, window: int, stride: int, batch_size: int, mesh,
                num_images: int = 3, stats=None):
-    from oeem_jax.data.pipeline import normalize_seg
+    from oeem_jax.models.network import normalize_seg
     self.examples = list(examples)
     self.inputs = [np.asarray(normalize_seg(ex.image, stats), np.float32) for ex in self.examples]
     self.window, self.stride = int(window), int(stride)
@@ -181,7 +183,7 @@ def init_hook(config: ml_collections.ConfigDict, stage_dir: Path):
   if cls_dir is None:
     return imagenet
   if imagenet is not None:
-    from oeem_jax.config_check import ConfigError
+    from oeem_jax.errors import ConfigError
     raise ConfigError("seg.backbone_init", repr(config.seg.backbone_init),
                       f"'' while model.init_checkpoint is set ({config.model.init_checkpoint!r}): "
                       "both set; choose one backbone initialisation")
@@ -192,7 +194,7 @@ def init_hook(config: ml_collections.ConfigDict, stage_dir: Path):
         "train the backbone from scratch)")
 
   def load_weights(variables):
-    source, step = train.load_variables(cls_dir, "best")
+    source, step = load_variables(cls_dir, "best")
     logging.info("seg: backbone initialised from the classifier in %s (step %d)", cls_dir, step)
     return copy_backbone(variables, source, f"{cls_dir} (step {step})")
 
@@ -232,15 +234,11 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   Raises:
     FileNotFoundError: missing pseudo-masks or `model.init_checkpoint`.
     ValueError: bad config values (mask source, loss kind, batch not divisible by the devices).
-    train.NonFiniteLossError, train.Preempted: see `train.train_loop`.
+    errors.NonFiniteLossError, train.Preempted: see `train.train_loop`.
   """
-  train.setup_distributed(config.train.distributed)
-  from oeem_jax.data import glas, pipeline
+  from oeem_jax.data import loader, pipeline
 
-  if config.seg.loss_kind not in losses.KINDS:
-    from oeem_jax.config_check import ConfigError
-    raise ConfigError("seg.loss_kind", repr(config.seg.loss_kind), "one of " + ", ".join(losses.KINDS))
-  data = glas.load_splits(config.data)
+  data = loader.load_splits(config.data)
   examples = data.splits["train"]
   if not examples:
     raise ValueError("seg: no training images (config key data.dir / data.val_count)")
@@ -274,7 +272,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
                      stride=int(config.seg.eval_stride), batch_size=int(config.seg.eval_batch_size),
                      mesh=mesh, num_images=int(config.seg.num_eval_images), stats=stats)
 
-  identity = train.run_identity(config, ("seg", "model", "data"))
+  identity = run_identity(config, ("seg", "model", "data"))
   identity["seg"]["pseudo_dir"] = None  # where the masks live does not matter, their content does:
   identity["masks_sha256"] = _masks_digest(masks)
   freeze = (dict(freeze_stem=False, freeze_bn=True, only_under="backbone")

@@ -8,7 +8,7 @@ A model folder holds:
   normalisation (mean / std on 0..255 RGB), the class names, the training pixel size (µm/px; GlaS:
   0.62, its 20x scans), the recommended inference settings (those the source workdir's `eval` stage
   used, else single scale at the training validation window), the stain reference of the training
-  images (`oeem_jax.stain.reference`) and provenance (source workdir, seg folder, checkpoint step,
+  images (`oeem_jax.predict.stain.reference`) and provenance (source workdir, seg folder, checkpoint step,
   `params_digest`, data label).
 
 `load_model` takes such a folder, or a workdir (or its `seg` folder) with a finished `seg` stage
@@ -31,7 +31,8 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from oeem_jax.images import InputError
+from oeem_jax import errors
+from oeem_jax.errors import InputError
 
 FORMAT = "oeem_jax-model/1"
 CLASS_NAMES = ("background", "gland")
@@ -90,7 +91,7 @@ def _eval_settings(workdir: Path, seg_dir: Path, trained: ml_collections.ConfigD
                    ) -> tuple[dict[str, Any], str | None]:
   """Recommended inference settings and the checkpoint the workdir's eval stage used (if it ran on
   this seg folder), else defaults."""
-  from oeem_jax import artifacts
+  from oeem_jax.runtime import artifacts
 
   path = artifacts.summary_path(workdir, "eval")
   if path.is_file():
@@ -113,8 +114,8 @@ def _eval_settings(workdir: Path, seg_dir: Path, trained: ml_collections.ConfigD
 
 def _stain_reference(trained: ml_collections.ConfigDict, data_dir: str) -> tuple[Any, str]:
   """(stain reference of the segmenter's training images or None, note)."""
-  from oeem_jax import stain
-  from oeem_jax.data import glas
+  from oeem_jax.data import loader
+  from oeem_jax.predict import stain
 
   if data_dir == "none":
     return None, "stain reference skipped (export.data_dir = 'none')"
@@ -122,8 +123,8 @@ def _stain_reference(trained: ml_collections.ConfigDict, data_dir: str) -> tuple
   if data_dir:
     data.dir = data_dir
   try:
-    splits = glas.load_splits(data)
-  except (glas.GlasDataError, FileNotFoundError) as e:
+    splits = loader.load_splits(data)
+  except (errors.GlasDataError, FileNotFoundError) as e:
     logging.warning("no stain reference: the training images are not readable (%s)", e)
     return None, f"stain reference skipped: training images not readable ({e})"
   images = [ex.image for ex in splits.splits["train"]]
@@ -148,9 +149,10 @@ def card_from_seg_stage(seg_dir: str | Path, checkpoint: str = "", *, pixel_size
   Raises:
     InputError: unfinished seg stage, missing checkpoint.
   """
-  from oeem_jax import train
+  from oeem_jax.engine.checkpoint import load_variables, params_digest
   from oeem_jax.models import factory
-  from oeem_jax.stages import input_stats, trained_network
+  from oeem_jax.models.network import config_input_stats as input_stats
+  from oeem_jax.models.network import trained_network
 
   seg_dir = Path(seg_dir).expanduser()
   summary = finished_seg_summary(seg_dir)
@@ -159,7 +161,7 @@ def card_from_seg_stage(seg_dir: str | Path, checkpoint: str = "", *, pixel_size
   settings, eval_checkpoint = _eval_settings(workdir, seg_dir, trained)
   which = checkpoint or eval_checkpoint or "latest"
   try:
-    variables, step = train.load_variables(seg_dir, which)
+    variables, step = load_variables(seg_dir, which)
   except FileNotFoundError as e:
     raise InputError(f"{seg_dir}: no {which!r} checkpoint ({e})") from e
   synthetic = bool(summary.get("synthetic_data", not trained.data.get("dir", "")))
@@ -168,7 +170,7 @@ def card_from_seg_stage(seg_dir: str | Path, checkpoint: str = "", *, pixel_size
   else:
     mpp = float(pixel_size_um) or None
   stats = input_stats(trained)
-  from oeem_jax.data.pipeline import SEG_MEAN, SEG_STD
+  from oeem_jax.models.network import SEG_MEAN, SEG_STD
   mean, std = (stats if stats is not None else (SEG_MEAN.tolist(), SEG_STD.tolist()))
   reference, stain_note = _stain_reference(trained, data_dir)
   seg = trained.get("seg", ml_collections.ConfigDict())
@@ -187,7 +189,7 @@ def card_from_seg_stage(seg_dir: str | Path, checkpoint: str = "", *, pixel_size
       "stain_reference": reference,
       "provenance": {
           "source_workdir": str(workdir.resolve()), "seg_dir": str(seg_dir.resolve()),
-          "checkpoint": which, "step": int(step), "params_digest": train.params_digest(variables["params"]),
+          "checkpoint": which, "step": int(step), "params_digest": params_digest(variables["params"]),
           "train_steps": summary.get("steps"), "synthetic": synthetic,
           "data_label": SYNTHETIC_LABEL if synthetic else f"GlaS ({trained.data.get('dir', '')})",
           "stain_reference": stain_note,
@@ -221,7 +223,7 @@ def write_model_folder(out: str | Path, card: dict[str, Any], variables: dict[st
                                   "batch_stats": variables.get("batch_stats", {})})
     ckpt.wait_until_finished()
     ckpt.close()
-    from oeem_jax import io_utils
+    from oeem_jax.runtime import io_utils
     io_utils.atomic_write_json(tmp / "model.json", card)
     umask = os.umask(0)
     os.umask(umask)
@@ -284,7 +286,7 @@ def check_compatible(model, variables: dict[str, Any], where: str, window: int =
 
 
 def _normalizer(card: dict[str, Any]):
-  from oeem_jax.data.pipeline import normalizer
+  from oeem_jax.models.network import normalizer
   stats = card["input"].get("stats")
   return normalizer("seg", None if stats is None else tuple(tuple(float(v) for v in s) for s in stats))
 
@@ -307,7 +309,7 @@ def resolve(spec: str) -> tuple[str, Path]:
                      "(WORKDIR/export/model) or a workdir with a finished seg stage")
   if (path / "model.json").is_file():
     return "folder", path
-  from oeem_jax import artifacts
+  from oeem_jax.runtime import artifacts
 
   exported = artifacts.exported_model_dir(artifacts.stage_dir(path, "export"))
   if (exported / "model.json").is_file():
@@ -413,8 +415,8 @@ def random_model_card(variables: dict[str, Any], *, pixel_size_um: float = 0.62,
                       reference: dict[str, Any] | None = None, flip: bool = True) -> dict[str, Any]:
   """The model card (model.json) of `TINY_NETWORK` with `variables`: one scale, window 48 / stride
   32, no post-processing, provenance labelled SYNTHETIC (random weights)."""
-  from oeem_jax.checkpoint import params_digest
-  from oeem_jax.data.pipeline import SEG_MEAN, SEG_STD
+  from oeem_jax.engine.checkpoint import params_digest
+  from oeem_jax.models.network import SEG_MEAN, SEG_STD
 
   return {
       "format": FORMAT, "network": TINY_NETWORK,

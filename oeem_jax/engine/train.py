@@ -14,13 +14,13 @@ The loop knows nothing about models or data. A stage hands it a `Task`:
 
 and `LoopOptions` (steps, seed, checkpoint / log / evaluation periods, best metric).
 
-The pieces live in their own modules: `oeem_jax.parallel` (distributed set-up, the 1-D "data" mesh,
+The pieces live in their own modules: `oeem_jax.engine.parallel` (distributed set-up, the 1-D "data" mesh,
 replicating and sharding: the batch is sharded along its leading axis, the train state is
-replicated, the jitted step donates the state), `oeem_jax.optim` (SGD + poly schedule, frozen
-parameters) and `oeem_jax.checkpoint` (orbax managers, run identity, digests, `load_variables`).
-Their public names are re-exported here (`train.make_mesh`, `train.params_digest`, ...).
+replicated, the jitted step donates the state), `oeem_jax.engine.optim` (SGD + poly schedule, frozen
+parameters) and `oeem_jax.engine.checkpoint` (orbax managers, run identity, digests, `load_variables`).
+Import their names from them; loading a checkpoint needs only `checkpoint.load_variables`.
 
-Checkpoints (`oeem_jax.checkpoint`): `<stage_dir>/checkpoints/<step>/` holds the whole `TrainState`
+Checkpoints (`oeem_jax.engine.checkpoint`): `<stage_dir>/checkpoints/<step>/` holds the whole `TrainState`
 plus a JSON `meta` item; saved every `checkpoint_every` steps, at the end, and when SIGTERM arrives;
 the newest `keep` are kept. A run started in a `stage_dir` that holds one resumes from the newest;
 a resume whose `run_identity` differs is refused. `<stage_dir>/best/<step>/` holds the variables of
@@ -57,21 +57,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
-from oeem_jax.checkpoint import (Checkpoints, identity_changes, load_variables, params_digest,
-                                 quiet_orbax_logs, run_identity)
-from oeem_jax.optim import make_optimizer, mask_frozen, optimizer_from_config
-from oeem_jax.parallel import (DATA_AXIS, make_mesh, replicate, round_to_mesh, setup_distributed,
-                               shard_batch, shard_global)
+from oeem_jax.engine.checkpoint import Checkpoints, params_digest, quiet_orbax_logs
+from oeem_jax.engine.parallel import make_mesh, replicate, shard_batch
+from oeem_jax.errors import NonFiniteLossError
 
-__all__ = [  # this module's own names, then the re-exports from parallel / optim / checkpoint
-    "EvalResult", "LoopOptions", "NonFiniteLossError", "Preempted", "Task", "TrainState",
-    "make_step_fn", "train_loop",
-    "DATA_AXIS", "make_mesh", "replicate", "round_to_mesh", "setup_distributed", "shard_batch",
-    "shard_global", "make_optimizer", "mask_frozen", "optimizer_from_config", "Checkpoints",
-    "identity_changes", "load_variables", "params_digest", "quiet_orbax_logs", "run_identity",
-]
+__all__ = ["EvalResult", "LoopOptions", "Preempted", "Task", "TrainState", "make_step_fn", "train_loop"]
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -79,10 +72,6 @@ LossFn = Callable[[PyTree, PyTree, Mapping[str, jax.Array], jax.Array],
                   tuple[jax.Array, tuple[PyTree, Mapping[str, jax.Array]]]]
 
 PREEMPTED_EXIT_CODE = 143  # 128 + SIGTERM, what a shell reports for a process ended by SIGTERM
-
-
-class NonFiniteLossError(RuntimeError):
-  """The loss or gradient norm of a training step was NaN or infinite."""
 
 
 class Preempted(SystemExit):
@@ -428,7 +417,7 @@ def _earlier_files(stage_dir: Path) -> list[str]:
   """Top-level entries of stage_dir holding files (not folders: other processes may be creating
   those right now) of an earlier attempt; the network card, which the stage writes before training
   starts, is not one."""
-  from oeem_jax.artifacts import NETWORK_CARD
+  from oeem_jax.runtime.artifacts import NETWORK_CARD
 
   if not stage_dir.is_dir():
     return []
@@ -552,7 +541,7 @@ def train_loop(stage_dir: str | Path, task: Task, options: LoopOptions, *, mesh:
     options: how (`LoopOptions`: steps, seed, checkpoint / log / eval periods, best metric).
     mesh: device mesh (default `make_mesh()`).
     run_identity: JSON-able values that define the run (`run_identity(config, ...)`); stored with
-      every checkpoint, and a resume whose identity differs is refused (config_check.ConfigError
+      every checkpoint, and a resume whose identity differs is refused (errors.ConfigError
       naming the first differing key, its old and new values) instead of silently continuing
       another run.
     step_hook: called with the step number after every update (tests use it to kill the process).
@@ -567,7 +556,7 @@ def train_loop(stage_dir: str | Path, task: Task, options: LoopOptions, *, mesh:
       the last good checkpoint).
     Preempted: SIGTERM / preemption; a checkpoint of the current step was saved first.
     ValueError: bad options (steps, best_mode), a batch not divisible by the device count, a data
-      iterator that ends early, or (config_check.ConfigError) the newest checkpoint in stage_dir
+      iterator that ends early, or (errors.ConfigError) the newest checkpoint in stage_dir
       belongs to a run with a different `run_identity`.
     KeyError: the evaluation metrics lack `options.best_metric`.
   """

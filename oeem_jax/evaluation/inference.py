@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Sequence
 import numpy as np
 from scipy.special import softmax
 
-from oeem_jax.scales import INFERENCE_SCALES
+from oeem_jax.config.scales import INFERENCE_SCALES
 
 ApplyFn = Callable[[np.ndarray], "np.ndarray"]
 
@@ -258,7 +258,7 @@ def remove_small_regions(mask: np.ndarray, *, min_object_area: int = 0,
   Not in the paper or the reference code (both score the raw argmax); off by default in the paper
   configuration. Small false-positive specks are what drags the GlaS *object* F1 down (each speck is
   one false object), while pixel mIoU barely moves. Objects are 8-connected (as in
-  `oeem_jax.metrics.label_instances`), holes 4-connected (the dual); uses `skimage.morphology`.
+  `oeem_jax.evaluation.metrics.label_instances`), holes 4-connected (the dual); uses `skimage.morphology`.
 
   Args:
     mask: bool/uint8[H, W] binary prediction (non-zero = gland).

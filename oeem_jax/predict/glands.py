@@ -1,8 +1,8 @@
 """Glands of a predicted mask: per-gland measurements (CSV) and QuPath-compatible GeoJSON.
 
-Glands are the 8-connected components of the binary mask (`oeem_jax.metrics.label_instances`, as
+Glands are the 8-connected components of the binary mask (`oeem_jax.evaluation.metrics.label_instances`, as
 the GlaS object metrics count them), or with `split_h` > 0 those components with touching glands
-split (`oeem_jax.metrics.split_instances`); holes are the 4-connected non-gland components they
+split (`oeem_jax.evaluation.metrics.split_instances`); holes are the 4-connected non-gland components they
 enclose.
 
 Coordinates (CSV and GeoJSON alike): full-resolution pixels of the input image, origin at the
@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from oeem_jax import metrics
+from oeem_jax.evaluation import metrics
 
 EXACT_TOLERANCE = 1e-3
 GLAND_CLASS = "Gland"

@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import jax
 import numpy as np
 from absl import logging
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 PyTree = Any
 Batch = Mapping[str, np.ndarray]
@@ -34,11 +35,11 @@ def setup_distributed(mode: str | bool = "auto") -> bool:
   are passed on when set (what launch/train_multihost.sh exports). Idempotent.
 
   Raises:
-    config_check.ConfigError (a ValueError): unknown mode.
+    errors.ConfigError (a ValueError): unknown mode.
   """
   mode = {True: "on", False: "off"}.get(mode, mode)
   if mode not in ("auto", "on", "off"):
-    from oeem_jax.config_check import ConfigError
+    from oeem_jax.errors import ConfigError
     raise ConfigError("train.distributed", repr(mode), "'auto', 'on' or 'off'")
   wanted = mode == "on" or (mode == "auto" and (
       bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or os.environ.get("OEEM_DISTRIBUTED") == "1"))
@@ -88,7 +89,7 @@ def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     dict of global arrays [B_local * process_count, ...], same dtypes.
 
   Raises:
-    config_check.ConfigError (a ValueError): the global batch is not divisible by the number of
+    errors.ConfigError (a ValueError): the global batch is not divisible by the number of
       devices (names config key train.batch_size).
   """
   out = {}
@@ -96,7 +97,7 @@ def shard_batch(batch: Batch, mesh: Mesh) -> dict[str, jax.Array]:
     value = np.asarray(value)
     global_rows = value.shape[0] * jax.process_count()
     if global_rows % mesh.size:
-      from oeem_jax.config_check import ConfigError
+      from oeem_jax.errors import ConfigError
       raise ConfigError("train.batch_size", str(global_rows),
                         f"a multiple of the {mesh.size} devices of the mesh (batch[{key!r}])")
     sharding = NamedSharding(mesh, P(DATA_AXIS, *([None] * (value.ndim - 1))))

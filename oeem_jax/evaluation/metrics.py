@@ -650,6 +650,6 @@ def per_image_csv(rows: Sequence[dict[str, Any]], fields: Sequence[str] = PER_IM
 def write_per_image_csv(path: str | os.PathLike, rows: Sequence[dict[str, Any]],
                         fields: Sequence[str] = PER_IMAGE_FIELDS) -> None:
   """Writes `per_image_csv(rows, fields)` to `path` atomically (temp name, then rename)."""
-  from oeem_jax.io_utils import atomic_write_bytes
+  from oeem_jax.runtime.io_utils import atomic_write_bytes
 
   atomic_write_bytes(path, per_image_csv(rows, fields).encode())

@@ -172,14 +172,15 @@ class Checkpoints:
     restore).
 
     Raises:
-      config_check.ConfigError (a ValueError): the identities differ; names the first differing
+      errors.ConfigError (a ValueError): the identities differ; names the first differing
         key with its new and old values and counts the others.
     """
     meta = self.latest.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     diff = identity_changes((meta["meta"] or {}).get("identity", {}), identity)
     if not diff:
       return
-    from oeem_jax.config_check import ConfigError, quote
+    from oeem_jax.config.check import quote
+    from oeem_jax.errors import ConfigError
 
     key, old, new = diff[0]
     also = f"; {len(diff) - 1} more key(s) differ: " + ", ".join(k for k, _, _ in diff[1:4]) + (

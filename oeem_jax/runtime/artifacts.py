@@ -4,7 +4,7 @@ A workdir holds one folder per stage, `WORKDIR/<stage>/` (`stage_dir`), each wit
 `summary.json` (`summary_path`; written by `oeem_jax.stages.run_stage`, its `config` key holds the
 config the stage ran with). The hand-offs between stages:
 
-* cls -> cam, seg: the classifier checkpoints in `WORKDIR/cls` (`oeem_jax.train.load_variables`);
+* cls -> cam, seg: the classifier checkpoints in `WORKDIR/cls` (`oeem_jax.engine.checkpoint.load_variables`);
   the network is rebuilt from `WORKDIR/cls/network.json` (`write_network_card`,
   `read_network_card`: the constructor arguments, written when training starts).
 * cam -> seg: pseudo-masks `WORKDIR/cam/pseudo_masks/<name>.png`, palette PNGs of the image's size
@@ -14,7 +14,7 @@ config the stage ran with). The hand-offs between stages:
 * seg -> eval, export, predict: the segmenter checkpoints in `WORKDIR/seg`, the network rebuilt from
   `WORKDIR/seg/network.json` (export also reads the finished stage's `summary.json`).
 * export -> predict: the model folder `WORKDIR/export/model` (`exported_model_dir`; its content
-  is `oeem_jax.model_folder`'s).
+  is `oeem_jax.predict.model_folder`'s).
 * eval -> readers of its results: predictions `WORKDIR/eval/predictions/<name>.png`, grey PNGs with
   0 = non-gland, 255 = gland (`write_prediction`, `read_prediction`), and the metrics
   `WORKDIR/eval/metrics.json` (`eval_metrics_path`).
@@ -66,7 +66,7 @@ def network_card_path(train_stage_dir: str | Path) -> Path:
 
 def write_network_card(train_stage_dir: str | Path, card: dict) -> Path:
   """Writes `network_card_path(train_stage_dir)` atomically (temp name, then rename)."""
-  from oeem_jax import io_utils
+  from oeem_jax.runtime import io_utils
   return io_utils.atomic_write_json(network_card_path(train_stage_dir), card)
 
 
@@ -96,7 +96,7 @@ def read_network_card(train_stage_dir: str | Path) -> dict | None:
 def training_config(train_stage_dir: str | Path) -> ml_collections.ConfigDict | None:
   """The config a finished training stage ran with (the `config` of its summary.json), or None when
   the stage has no summary.json. Networks are rebuilt from the network card
-  (`stages.trained_network`), which falls back to this for older runs without one; tools that need
+  (`network.trained_network`), which falls back to this for older runs without one; tools that need
   the stage's other keys (data, crop, pseudo-mask folder; e.g. launch/analyse_oeem.py) read them here.
 
   Raises:
@@ -149,7 +149,7 @@ def write_pseudo_mask(cam_dir: str | Path, name: str, mask: np.ndarray) -> Path:
   Raises:
     ValueError: `mask` is not a 2-D uint8 array.
   """
-  from oeem_jax import io_utils
+  from oeem_jax.runtime import io_utils
 
   path = io_utils.atomic_write_png(mask_file(pseudo_mask_dir(cam_dir), name), mask,
                                    palette=PSEUDO_MASK_PALETTE)
@@ -213,7 +213,7 @@ def write_prediction(eval_dir: str | Path, name: str, pred: np.ndarray) -> Path:
   Raises:
     ValueError: `pred` is not a 2-D uint8 array.
   """
-  from oeem_jax import io_utils
+  from oeem_jax.runtime import io_utils
 
   return io_utils.atomic_write_png(mask_file(predictions_dir(eval_dir), name), pred * np.uint8(255))
 

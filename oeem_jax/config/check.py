@@ -15,6 +15,8 @@ from __future__ import annotations
 import numbers
 from typing import Any, Callable, Iterable, Sequence
 
+from oeem_jax.errors import ConfigError
+
 SPLITS = ("train", "val", "test_a", "test_b", "test")
 # == oeem_jax.models.classifier.BACKBONES (tests/test_efficientnet.py), spelled out so that checking
 # a config imports no jax.
@@ -26,27 +28,9 @@ DISTRIBUTED = ("auto", "on", "off")
 BN_MODES = ("auto", "frozen", "train")
 # == oeem_jax.data.tiles.STITCH_MODES (tests/test_data_tiles.py): how overlapping tiles merge.
 STITCH_MODES = ("vote", "soft")
+# == oeem_jax.method.losses.KINDS (tests/test_losses.py): the segmenter's losses (`seg.loss_kind`).
+LOSS_KINDS = ("ce", "oeem", "c_max", "c_diff", "lc_mix", "ohem")
 CHECKPOINT_CHOICES = "'best', 'latest' or a step number >= 0"
-
-
-class ConfigError(ValueError):
-  """A config value a stage cannot run with.
-
-  Attributes:
-    key: dotted config key, e.g. "seg.loss_kind" (inside a pipeline "stage_seg.seg.loss_kind").
-    given: what was given, already quoted (e.g. "'foo'", "-5").
-    expected: what would be accepted.
-  """
-
-  def __init__(self, key: str, given: str, expected: str):
-    self.key, self.given, self.expected = key, given, expected
-    super().__init__(f"config key {key}: {given}; expected {expected}")
-
-  def with_prefix(self, prefix: str) -> "ConfigError":
-    """The same error with `prefix` (e.g. "stage_seg.") in front of the key."""
-    err = ConfigError(prefix + self.key, self.given, self.expected)
-    err.__cause__ = self.__cause__
-    return err
 
 
 def quote(value: Any) -> str:
@@ -127,11 +111,6 @@ def _stride(window_key: str) -> Callable[[Any, Any], bool]:
   return accept
 
 
-def _loss_kinds() -> tuple[str, ...]:
-  from oeem_jax.losses import KINDS
-  return KINDS
-
-
 def _sliding_window_rules(section: str) -> list[Rule]:
   """The rules of the multi-scale sliding-window inference keys that eval.* and predict.* share:
   scales, window, stride, batch_size and the post-processing of `section` (areas, split_h)."""
@@ -196,7 +175,7 @@ STAGE_RULES: dict[str, list[Rule]] = {
     ],
     "seg": TRAIN + [
         ("train.steps", _int_at_least(1), "a number of steps >= 1"),
-        ("seg.loss_kind", lambda v, c: v in _loss_kinds(), lambda: "one of " + ", ".join(_loss_kinds())),
+        ("seg.loss_kind", _one_of(LOSS_KINDS), "one of " + ", ".join(LOSS_KINDS)),
         ("seg.mask_source", _one_of(("pseudo", "true")), "one of pseudo, true"),
         ("seg.aux_weight", _non_negative, "a weight >= 0"),
         ("seg.crop_size", _int_at_least(8), "a crop side in pixels >= 8"),
@@ -244,7 +223,11 @@ STAGE_RULES["predict"] = [
     ("predict.stain_z_max", _positive, "a number of standard deviations > 0"),
 ]
 
+# The stages a pipeline can run, in the order it runs them; then the stages that stand alone. The one
+# place the stage order is written: the stage registry, the pipeline, the command line and its
+# "next:" hints read it from here.
 PIPELINE_STAGES = ("prepare", "cls", "cam", "seg", "eval")
+STAGES = PIPELINE_STAGES + ("pipeline", "export", "predict")
 # Keys of a pipeline config that sit at its top level, not under stage_<name>.
 _TOP_LEVEL = ("data.", "seed")
 
@@ -264,6 +247,33 @@ def pipeline_prefix(name: str, key: str) -> str:
   return "" if any(key == t or key.startswith(t) for t in _TOP_LEVEL) else f"stage_{name}."
 
 
+def stage_config(config, name: str):
+  """The config of stage `name` inside a pipeline config (its `stage_<name>` section), with the
+  pipeline's shared `data` and `seed` copied in and `stage` set to `name`.
+
+  Args:
+    config: a pipeline config (`configs/pipeline.py`).
+    name: one of `PIPELINE_STAGES`.
+
+  Returns:
+    a new ml_collections.ConfigDict (the pipeline config is not changed).
+
+  Raises:
+    ConfigError: the pipeline config has no `stage_<name>` section.
+  """
+  import ml_collections
+
+  key = f"stage_{name}"
+  if key not in config:
+    raise ConfigError("pipeline.stages", quote(_get(config, "pipeline.stages", "")),
+                      f"stages that have a stage_<name> section (no {key})")
+  sub = ml_collections.ConfigDict(config[key].to_dict())
+  sub.stage = name
+  sub.seed = config.seed
+  sub.data = ml_collections.ConfigDict(config.data.to_dict())
+  return sub
+
+
 def validate(config) -> None:
   """Checks `config` for `config.stage` (see the module docstring).
 
@@ -277,7 +287,6 @@ def validate(config) -> None:
     if bad or not names:
       raise ConfigError("pipeline.stages", quote(_get(config, "pipeline.stages", "")),
                         "comma-separated stages from " + ", ".join(PIPELINE_STAGES))
-    from oeem_jax.stages.pipeline import stage_config
     for name in names:
       if f"stage_{name}" not in config:
         raise ConfigError("pipeline.stages", quote(_get(config, "pipeline.stages")),

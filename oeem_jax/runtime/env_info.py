@@ -15,7 +15,7 @@ import sys
 from importlib import metadata
 from typing import Any
 
-from oeem_jax import malloc_env
+from oeem_jax.runtime import malloc_env
 
 # Distributions whose version can change the numbers (direct dependencies and the transitive ones
 # that compute): recorded in every summary.json and pinned in constraints.txt.
@@ -101,7 +101,7 @@ def source_commit() -> dict[str, Any]:
   import subprocess
   from pathlib import Path
 
-  root = Path(__file__).resolve().parents[1]
+  root = Path(__file__).resolve().parents[2]
   try:
     commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
                             text=True, timeout=10, check=True).stdout.strip()

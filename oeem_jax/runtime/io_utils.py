@@ -11,13 +11,32 @@ from typing import Any
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def default_glas_dir() -> Path:
   """Where the real GlaS copy is expected: `$OEEM_GLAS_DIR`, else `<repo>/../shared/data/glas`."""
   env = os.environ.get("OEEM_GLAS_DIR")
   return Path(env) if env else (REPO_ROOT.parent / "shared" / "data" / "glas")
+
+
+def cache_root(data_cfg) -> Path:
+  """The cache folder: `data.cache_dir`, else `$XDG_CACHE_HOME/oeem_jax`, else `~/.cache/oeem_jax`.
+
+  Args:
+    data_cfg: the `data` config section (a ConfigDict or any object with `get` / attributes); None
+      or a missing `cache_dir` means the default.
+  """
+  d = None
+  if data_cfg is not None:
+    try:
+      d = data_cfg.get("cache_dir", "") if hasattr(data_cfg, "get") else getattr(data_cfg, "cache_dir", "")
+    except AttributeError:
+      d = None
+  if d:
+    return Path(d).expanduser()
+  xdg = os.environ.get("XDG_CACHE_HOME")
+  return (Path(xdg) if xdg else Path.home() / ".cache") / "oeem_jax"
 
 
 def _json_default(obj: Any):

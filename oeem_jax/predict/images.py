@@ -32,7 +32,7 @@ from typing import Iterable
 import numpy as np
 from absl import logging
 
-from oeem_jax.data.glas import GlasDataError
+from oeem_jax.errors import InputError
 
 # Suffixes picked up from a folder or a glob (case-insensitive).
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp")
@@ -49,13 +49,6 @@ MAX_PIL_PIXELS = 4 * 10**9
 
 _CONVERT_MODES = ("L", "LA", "1", "P", "PA", "RGBA")
 _TIFF_MAGIC = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
-
-
-class InputError(GlasDataError):
-  """An input image (or model folder, or `predict` config value) that cannot be used as given.
-
-  A `GlasDataError` subclass, so `oeem_jax.main` reports it as one `error:` line with exit status 2.
-  """
 
 
 @dataclasses.dataclass

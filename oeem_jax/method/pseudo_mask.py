@@ -41,9 +41,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from oeem_jax.config.scales import CAM_SCALES as DEFAULT_SCALES
 from oeem_jax.data.tiles import STRIDE, TILE, tile_offsets
-from oeem_jax.parallel import padded_batches
-from oeem_jax.scales import CAM_SCALES as DEFAULT_SCALES
+from oeem_jax.engine.parallel import padded_batches
 
 CAM_INPUT = 224
 
@@ -112,7 +112,7 @@ def multiscale_cam(tiles: jax.Array, cam_fn: CamFn, *, scales: Sequence[float] =
       sub-tiles over all scales), 27 T for the default scales.
     scales: canvas scales, each >= 1.
     normalize: maps 0..255 RGB float32 [..., 3] to the classifier's input; default
-      `oeem_jax.data.pipeline.normalize_cls` (GlaS statistics, docs/reference.md §1).
+      `oeem_jax.models.network.normalize_cls` (GlaS statistics, docs/reference.md §1).
     emulate_pil: PIL-like uint8 rounding in the image resizes (module docstring).
     cam_input: side the sub-tiles are resized to before `cam_fn` (224 in the reference; smaller
       values make CPU-sized runs cheaper).
@@ -122,7 +122,7 @@ def multiscale_cam(tiles: jax.Array, cam_fn: CamFn, *, scales: Sequence[float] =
     ValueError: tiles not [T, 112, 112, 3], a scale < 1, or cam_fn output not [B, h, w, C].
   """
   if normalize is None:
-    from oeem_jax.data.pipeline import normalize_cls as normalize
+    from oeem_jax.models.network import normalize_cls as normalize
   if tiles.ndim != 4 or tuple(tiles.shape[1:]) != (TILE, TILE, 3):
     raise ValueError(f"tiles must be [T, {TILE}, {TILE}, 3] RGB, got shape {tuple(tiles.shape)}")
   if not scales:

@@ -3,7 +3,7 @@
 An image is cut into a grid of *cores* (about `region_size` px a side, split evenly, so no sliver is
 left at the border). Each core is read with a *margin* of at least one sliding window at the smallest
 effective scale (`region_margin`), predicted with the same multi-scale × flip sliding-window
-inference as stage `eval` (`oeem_jax.inference.predict_probs`), and only its core is kept. The
+inference as stage `eval` (`oeem_jax.evaluation.inference.predict_probs`), and only its core is kept. The
 gland mask of the whole image is the only full-size array (uint8, 1 byte per pixel).
 
 Exactness: the read window of a region is widened so that its left and top edges sit on multiples
@@ -32,7 +32,7 @@ from typing import Callable, Sequence
 import numpy as np
 from absl import logging
 
-from oeem_jax import inference
+from oeem_jax.evaluation import inference
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,7 +125,7 @@ def predict_mask(apply_fn: inference.ApplyFn, read: Callable[[int, int, int, int
     apply_fn: float32[batch_size, window, window, 3] -> float32[batch_size, window, window, C]
       logits (jitted once, e.g. `oeem_jax.models.segmenter_apply_fn`).
     read: (y0, y1, x0, x1) -> uint8[y1 - y0, x1 - x0, 3] RGB of the image (e.g.
-      `oeem_jax.images.ImageSource.read`).
+      `oeem_jax.predict.images.ImageSource.read`).
     height, width: image size (px).
     normalize: RGB 0..255 float32[h, w, 3] -> network input (as in `inference.predict_probs`).
     scales: the model's test scales; each is multiplied by `rescale`.

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
+from typing import Mapping
 
 import ml_collections
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"  # in a source checkout
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"  # in a source checkout
 
 
 def load_config_file(name: str, configs_dir: str | Path | None = None):
@@ -28,6 +29,31 @@ def load_config_file(name: str, configs_dir: str | Path | None = None):
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   return module
+
+
+def parse_arg(arg: str | None, choices: Mapping[str, str], config_file: str) -> str:
+  """The `:ARG` of `--config=configs/<file>.py:ARG`, checked against the file's `ARGS`.
+
+  Every config file's `get_config(arg)` starts with `arg = parse_arg(arg, ARGS, __file__)` and then
+  branches on the returned name; `ARGS` ({arg: what it selects}) is also what --help lists.
+
+  Args:
+    arg: what followed the ':' (None or "" = no argument).
+    choices: the file's `ARGS`; the key "" means the file runs without an argument.
+    config_file: the config file's path (`__file__`), for the message.
+
+  Returns:
+    the argument, "" for none.
+
+  Raises:
+    ValueError: `arg` is not a key of `choices`; the message names the file and the accepted ones.
+  """
+  arg = arg or ""
+  if arg in choices:
+    return arg
+  names = ["nothing" if a == "" else repr(a) for a in choices]
+  expected = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+  raise ValueError(f"configs/{Path(config_file).name}: unknown argument {arg!r}; expected {expected}")
 
 
 def get_base_config(stage: str) -> ml_collections.ConfigDict:
@@ -56,7 +82,7 @@ def get_base_config(stage: str) -> ml_collections.ConfigDict:
   return c
 
 
-# ---- training sections (stages cls and seg; see oeem_jax/train.py) ----------------------------------
+# ---- training sections (stages cls and seg; see oeem_jax/engine/train.py) ----------------------------------
 
 
 def add_model_config(c: ml_collections.ConfigDict, *, width: float = 1.0) -> ml_collections.ConfigDict:
@@ -97,7 +123,7 @@ def add_train_config(c: ml_collections.ConfigDict, *, steps: int, batch_size: in
   batch_size (global, over all devices and hosts; divisible by the device count), lr, end_lr (poly
   floor), power (0.9), momentum (0.9), weight_decay (L2 added to the gradient), log_every,
   eval_every (0 = only at the end), distributed ("auto" | "on" | "off": when to call
-  jax.distributed.initialize(), see train.setup_distributed).
+  jax.distributed.initialize(), see engine.parallel.setup_distributed).
   """
   c.train = ml_collections.ConfigDict(dict(
       steps=steps, batch_size=batch_size,
@@ -140,7 +166,7 @@ def add_seg_config(c: ml_collections.ConfigDict, *, loss_kind: str = "oeem",
                    mask_source: str = "pseudo") -> ml_collections.ConfigDict:
   """Adds `seg` (segmentation stage; paper §2.2-2.3 / docs/reference.md §4-5).
 
-  Keys: loss_kind (oeem_jax.losses kinds: "oeem", "ce", ...), loss_reference_compat (reproduce the
+  Keys: loss_kind (oeem_jax.method.losses kinds: "oeem", "ce", ...), loss_reference_compat (reproduce the
   reference's handling of ignored pixels), aux_weight (0.4), mask_source ("pseudo": pseudo-mask PNGs
   from `pseudo_dir`, default WORKDIR/cam/pseudo_masks; "true": the GlaS annotations, fully
   supervised), pseudo_dir, backbone_init ("": none; "cls" or a folder: the backbone of a
