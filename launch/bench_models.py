@@ -46,7 +46,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from oeem_jax.models import CAMClassifier, PSPNet, freeze_frozen
+from oeem_jax.engine.optim import mask_frozen
+from oeem_jax.models import CAMClassifier, PSPNet, trainable_mask
 from oeem_jax.runtime import malloc_env
 
 SHAPES = {"cls": (4, 112), "cls224": (4, 224), "psp": (2, 256),
@@ -122,7 +123,7 @@ def make_jax_run(kind: str, width: float, dtype: str, variant: tuple[str, dict],
   variables = _host_fill(abstract, seed)
   params, batch_stats = variables["params"], variables["batch_stats"]
   if kind.startswith("cls"):
-    tx = freeze_frozen(optax.sgd(1e-3, momentum=0.9), params, freeze_stem=True, freeze_bn=True)
+    tx = mask_frozen(optax.sgd(1e-3, momentum=0.9), trainable_mask(params, freeze_stem=True, freeze_bn=True))
   else:
     tx = optax.chain(optax.add_decayed_weights(5e-4), optax.sgd(1e-3, momentum=0.9))
   opt_state = tx.init(params)

