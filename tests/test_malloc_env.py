@@ -46,7 +46,7 @@ def _child(code: str, **extra: str) -> str:
   return proc.stdout
 
 
-_CODE = ("import os; from oeem_jax import malloc_env; print('start'); malloc_env.ensure_hugetlb(); "
+_CODE = ("import os; from oeem_jax.runtime import malloc_env; print('start'); malloc_env.ensure_hugetlb(); "
          "print('tunables', os.environ.get('GLIBC_TUNABLES'))")
 
 
