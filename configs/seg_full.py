@@ -14,4 +14,4 @@ ARGS = load_config_file("seg_oeem", Path(__file__).parent).ARGS  # the same argu
 
 def get_config(arg: str | None = None):
   seg_oeem = load_config_file("seg_oeem", Path(__file__).parent)
-  return seg_oeem.get_seg_config(arg, loss_kind="ce", mask_source="true")
+  return seg_oeem.get_seg_config(arg, loss_kind="ce", mask_source="true", config_file=__file__)

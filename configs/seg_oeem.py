@@ -34,8 +34,10 @@ ARGS = {
 }
 
 
-def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str):
-  arg = config_base.parse_arg(arg, ARGS, __file__)
+def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str, config_file: str = __file__):
+  """The segmenter stage's config for `arg`; `config_file`: the config file asked for (its name is in
+  the message for an unknown argument)."""
+  arg = config_base.parse_arg(arg, ARGS, config_file)
   c = config_base.get_base_config("seg")
   config_base.add_model_config(c, width=1.0)
   config_base.add_train_config(c, steps=10_000, batch_size=32, lr=5e-3, weight_decay=5e-4,

@@ -1,6 +1,7 @@
 """The errors of oeem_jax that `python -m oeem_jax.main` reports as one `error: ...` line with exit
 status 2 (bad input, a bad config value, a missing optional install), and the training failure
-`NonFiniteLossError`. Every module raises these from here; none defines its own.
+`NonFiniteLossError`. Modules raise these from here. Not errors of input, and so elsewhere: the
+command line's own `main.UsageError` and the preemption exit `engine.train.Preempted`.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Two CPU processes on loopback with `jax.distributed` (oeem_jax.engine.train.setup_distributed), launched
+"""Two CPU processes on loopback with `jax.distributed` (oeem_jax.engine.parallel.setup_distributed), launched
 the way docs/multihost.md tells users to launch several hosts: the same command in every process,
 with JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID set.
 

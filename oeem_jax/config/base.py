@@ -34,8 +34,9 @@ def load_config_file(name: str, configs_dir: str | Path | None = None):
 def parse_arg(arg: str | None, choices: Mapping[str, str], config_file: str) -> str:
   """The `:ARG` of `--config=configs/<file>.py:ARG`, checked against the file's `ARGS`.
 
-  Every config file's `get_config(arg)` starts with `arg = parse_arg(arg, ARGS, __file__)` and then
-  branches on the returned name; `ARGS` ({arg: what it selects}) is also what --help lists.
+  Every config file's `get_config(arg)` checks its argument with this first (seg_ce.py and
+  seg_full.py through seg_oeem.py's `get_seg_config`, naming themselves) and branches on the returned
+  name; `ARGS` ({arg: what it selects}) is also what --help lists.
 
   Args:
     arg: what followed the ':' (None or "" = no argument).

@@ -1,4 +1,4 @@
-"""Checks of config values before a stage starts, and the error every bad value raises.
+"""Checks of config values before a stage starts (the error they raise: `oeem_jax.errors.ConfigError`).
 
 `ConfigError` is what `python -m oeem_jax.main` turns into one line and exit status 2:
 
@@ -224,8 +224,8 @@ STAGE_RULES["predict"] = [
 ]
 
 # The stages a pipeline can run, in the order it runs them; then the stages that stand alone. The one
-# place the stage order is written: the stage registry, the pipeline, the command line and its
-# "next:" hints read it from here.
+# place the stage order is written: `validate`, the pipeline's stage_config, the command line's
+# override hints and its "next:" lines read it from here.
 PIPELINE_STAGES = ("prepare", "cls", "cam", "seg", "eval")
 STAGES = PIPELINE_STAGES + ("pipeline", "export", "predict")
 # Keys of a pipeline config that sit at its top level, not under stage_<name>.
@@ -296,7 +296,7 @@ def validate(config) -> None:
       except ConfigError as e:
         raise e.with_prefix(pipeline_prefix(name, e.key)) from None
     return
-  if stage not in STAGE_RULES:
-    raise ConfigError("stage", quote(stage), "one of " + ", ".join(list(STAGE_RULES) + ["pipeline"]))
+  if stage not in STAGES:
+    raise ConfigError("stage", quote(stage), "one of " + ", ".join(STAGES))
   check_rules(config, COMMON)
   check_rules(config, STAGE_RULES[stage])

@@ -1,4 +1,4 @@
-"""GlaS (Warwick-QU) as the TFDS dataset `glas`: the builder and its cache (and the data layer's old names).
+"""GlaS (Warwick-QU) as the TFDS dataset `glas`: the builder and its cache.
 
 The data layer by job:
   `source`   scan, check and decode a GlaS source folder (`scan_source`, `decode_image`, `decode_mask`);
@@ -7,8 +7,7 @@ The data layer by job:
              reading a prepared split into memory (`read_split`);
   `loader`   `load_splits(config.data)`, what the stages call: synthetic set or GlaS folder, the
              decoded examples kept in memory per process, validation carve-out.
-The names other modules used from here (`GlasDataError`, `Example`, `load_splits`, `scan_source`, …)
-are still importable from this module.
+Each name is imported from the module that defines it (`GlasDataError` from `oeem_jax.errors`).
 
 Why TFDS (the project's stack is fixed; it also earns its place): the decoded, checked examples are
 built once into a *versioned* dataset (`BUILDER_VERSION`, with `RELEASE_NOTES`; a new version is built

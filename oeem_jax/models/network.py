@@ -1,6 +1,8 @@
 """The network contract: what a network takes as input and how a later stage rebuilds a trained one.
 
-Free of TensorFlow, so predict and export load a model without it.
+Free of TensorFlow: loading a trained network (predict, eval, export) imports none. (What reads
+GlaS still does, through TFDS: `data.loader`; and host-side rescaling uses `tf.image.resize`:
+`evaluation.inference.resize_bilinear_host`.)
 
 * Input normalisation of both networks (`normalize`, `normalizer`, `input_stats`).
 * `trained_network`: a training stage's network rebuilt from its network card
@@ -112,7 +114,7 @@ def normalizer(kind: str, stats: Stats | None = None):
 
 
 class ImageNetInit:
-  """`train_loop(pretrained=...)` hook loading `model.init_checkpoint` into the backbone.
+  """`engine.train.Task.pretrained` hook loading `model.init_checkpoint` into the backbone.
 
   ResNet38: the reference's `res38d.pth` (`import_torch.load_res38d`); EfficientNet-Lite0: the name
   "efficientnet_lite0" or a .pth path (`import_torch.load_efficientnet_lite`, converted once and

@@ -6,7 +6,7 @@ TIFF is read region by region, segment by segment (`TiffSource`), so a 10,000 x 
 never sits in memory whole; a TIFF whose one strip is larger than `WHOLE_READ_SEGMENT_BYTES`, or
 whose samples are stored planar, is read whole (logged).
 
-Colour modes (as the GlaS loader, `oeem_jax.data.glas.decode_image`): 8-bit RGB is used as is;
+Colour modes (as the GlaS loader, `oeem_jax.data.source.decode_image`): 8-bit RGB is used as is;
 8-bit gray, palette and RGBA (alpha dropped) are converted to RGB with a warning; anything else
 (16-bit, float, CMYK, LAB, ...) is refused with an `InputError` naming the file and the mode.
 

@@ -60,7 +60,7 @@ def build_tiles(examples: Sequence[Any], data_cfg) -> tuple[np.ndarray, np.ndarr
   """Tiles and patch labels of `examples` (docs/reference.md §1).
 
   Args:
-    examples: `oeem_jax.data.glas.Example`s (image uint8[H, W, 3], mask uint8[H, W] instance ids).
+    examples: `oeem_jax.data.source.Example`s (image uint8[H, W, 3], mask uint8[H, W] instance ids).
     data_cfg: `config.data` (tile_size, tile_stride, label_threshold).
 
   Returns:

@@ -18,6 +18,7 @@ from absl import logging
 from oeem_jax import stages
 from oeem_jax.config.check import pipeline_prefix, stage_config
 from oeem_jax.errors import ConfigError
+from oeem_jax.runtime.artifacts import summary_path
 
 # Fields of each stage's summary carried into the pipeline's summary.
 _KEEP = ("wall_time_s", "synthetic", "steps", "best_eval", "final_eval", "params_digest", "cam_miou",
@@ -32,7 +33,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   results: dict[str, Any] = {}
   summary = {}
   for i, name in enumerate(names):
-    done = stages.summary_path(workdir, name)
+    done = summary_path(workdir, name)
     if done.is_file():
       logging.info("pipeline [%d/%d] %s: complete (%s exists), skipped", i + 1, len(names), name, done)
       with open(done) as f:
