@@ -27,10 +27,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from dev_paths import default_glas_dir  # launch/dev_paths.py, beside this script
 
 from oeem_jax.data import pipeline, synthetic, tiles
 from oeem_jax.data import source as glas_source
-from oeem_jax.runtime.io_utils import default_glas_dir
 
 # The paper's batches (configs/cls.py, configs/seg_oeem.py) and issue 15's per-step targets (s).
 CLS_BATCH, SEG_BATCH = 20, 32

@@ -1,6 +1,6 @@
 """Shared pytest fixtures.
 
-* `glas_dir`: the real GlaS folder (`oeem_jax.runtime.io_utils.default_glas_dir()`, i.e. `$OEEM_GLAS_DIR` or
+* `glas_dir`: the real GlaS folder (`launch/dev_paths.py`'s `default_glas_dir()`, i.e. `$OEEM_GLAS_DIR` or
   `<repo>/../shared/data/glas`); tests that use it are skipped with a clear reason when it is absent.
 * `glas_splits`: the real GlaS loaded once per test session (`load_splits`, default validation
   carve-out) into a session temp cache: one TFDS build per session.
@@ -27,9 +27,9 @@ import ml_collections
 import pytest
 
 from oeem_jax.config.base import get_base_config
-from oeem_jax.runtime.io_utils import default_glas_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "launch"))
+from dev_paths import default_glas_dir  # noqa: E402  (launch/ is on sys.path from here)
 
 
 @pytest.fixture(scope="session")

@@ -11,15 +11,6 @@ from typing import Any
 
 import numpy as np
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-
-
-def default_glas_dir() -> Path:
-  """Where the real GlaS copy is expected: `$OEEM_GLAS_DIR`, else `<repo>/../shared/data/glas`."""
-  env = os.environ.get("OEEM_GLAS_DIR")
-  return Path(env) if env else (REPO_ROOT.parent / "shared" / "data" / "glas")
-
-
 def cache_root(data_cfg) -> Path:
   """The cache folder: `data.cache_dir`, else `$XDG_CACHE_HOME/oeem_jax`, else `~/.cache/oeem_jax`.
 
