@@ -82,7 +82,7 @@ def _start_demo() -> None:
     proc = subprocess.Popen([sys.executable, "-m", "oeem_jax.main", "--config=configs/pipeline.py:demo",
                              f"--workdir={workdir}", f"--config.data.cache_dir={root / 'cache'}"],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
-  _DEMO.update(proc=proc, workdir=workdir, log=log)
+  _DEMO.update(proc=proc, workdir=workdir, log=log, root=root)
 
 
 def pytest_collection_modifyitems(session, config, items):
@@ -102,10 +102,15 @@ def pytest_collection_finish(session):
 
 
 def pytest_sessionfinish(session, exitstatus):
+  """Stops the background demo if the session ended before it needed it, and removes its folder."""
+  import shutil
+
   proc = _DEMO.get("proc")
-  if proc is not None and proc.poll() is None:  # a session that ended before it needed the demo
+  if proc is not None and proc.poll() is None:
     proc.kill()
     proc.wait()
+  if "root" in _DEMO:
+    shutil.rmtree(_DEMO["root"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
