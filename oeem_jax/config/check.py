@@ -288,11 +288,9 @@ def validate(config) -> None:
       raise ConfigError("pipeline.stages", quote(_get(config, "pipeline.stages", "")),
                         "comma-separated stages from " + ", ".join(PIPELINE_STAGES))
     for name in names:
-      if f"stage_{name}" not in config:
-        raise ConfigError("pipeline.stages", quote(_get(config, "pipeline.stages")),
-                          f"stages that have a stage_<name> section (no stage_{name})")
+      sub = stage_config(config, name)  # refuses a stage without its stage_<name> section
       try:
-        validate(stage_config(config, name))
+        validate(sub)
       except ConfigError as e:
         raise e.with_prefix(pipeline_prefix(name, e.key)) from None
     return
