@@ -176,6 +176,64 @@ def test_rerun_of_finished_run_changes_nothing(reference_run, tmp_path):
   assert again["best_eval"] == result["best_eval"]
 
 
+def test_checkpoint_average_is_the_mean_of_the_kept_checkpoints(reference_run, tmp_path):
+  import shutil
+
+  from oeem_jax.engine import checkpoint
+  from oeem_jax.stages._training import write_average
+
+  ref, _ = reference_run
+  workdir = tmp_path / "run"
+  shutil.copytree(ref, workdir)
+  assert checkpoint.periodic_steps(workdir) == [3, 6, 9, 12]
+  average, steps = checkpoint.average_checkpoints(workdir, 5)
+  assert steps == [6, 9, 12]
+  by_step = [load_variables(workdir, s)[0] for s in steps]
+  for coll in ("params", "batch_stats"):
+    flat = [jax.tree.leaves(v[coll]) for v in by_step]
+    for k, leaf in enumerate(jax.tree.leaves(average[coll])):
+      want = (np.float64(flat[0][k]) + np.float64(flat[1][k]) + np.float64(flat[2][k])) / 3
+      assert leaf.dtype == flat[0][k].dtype
+      np.testing.assert_allclose(leaf, want, rtol=1e-6, atol=1e-7)
+  assert params_digest(average["params"]) != params_digest(by_step[-1]["params"])
+  with pytest.raises(FileNotFoundError, match=r"step >= 13 .*have \[3, 6, 9, 12\].*checkpoint.keep"):
+    checkpoint.average_checkpoints(workdir, 13)
+  with pytest.raises(FileNotFoundError, match="no averaged checkpoint.*average_from"):
+    load_variables(workdir, "average")
+
+  seen = []
+  def validator(variables, step):
+    seen.append(step)
+    return train.EvalResult(metrics={"miou": 0.5})
+  out = write_average(workdir, "toy", 5, validator, make_mesh())
+  assert out["steps"] == [6, 9, 12] and out["eval"] == {"miou": 0.5} and seen == [12]
+  restored, step = load_variables(workdir, "average")
+  assert step == 12 and params_digest(restored["params"]) == out["params_digest"]
+  assert params_digest(restored["params"]) == params_digest(average["params"])
+  # The periodic and best checkpoints are untouched.
+  assert load_variables(workdir, "best")[1] == 8 and load_variables(workdir, "latest")[1] == 12
+
+
+def test_average_from_is_checked_against_the_kept_checkpoints():
+  import ml_collections
+
+  from oeem_jax.config.check import STAGE_RULES, averaged_steps, check_rules
+
+  assert averaged_steps(100, 800, 400) == [400, 500, 600, 700, 800]
+  assert averaged_steps(300, 800, 500) == [600, 800]  # the last step is always saved
+  assert averaged_steps(0, 800, 1) == [800]
+  cfg = ml_collections.ConfigDict({"train": {"steps": 800}, "checkpoint": {
+      "every": 100, "keep": 5, "average_from": 400}})
+  rules = [r for r in STAGE_RULES["cls"] if r[0] == "checkpoint.average_from"]
+  check_rules(cfg, rules)  # five checkpoints, five kept
+  cfg.checkpoint.keep = 4
+  with pytest.raises(errors.ConfigError, match="checkpoint.average_from.*checkpoint.keep holds"):
+    check_rules(cfg, rules)
+  cfg.checkpoint.update(keep=8, average_from=900)
+  with pytest.raises(errors.ConfigError, match="checkpoint.average_from"):
+    check_rules(cfg, rules)
+
+
 @pytest.fixture(scope="module")
 def four_devices(children):
   code, _, err = children["four"].result()

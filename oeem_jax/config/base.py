@@ -139,8 +139,11 @@ def add_checkpoint_config(c: ml_collections.ConfigDict, *, every: int = 1000, ke
                           ) -> ml_collections.ConfigDict:
   """Adds `checkpoint`: every (steps between saves; the last step is always saved), keep (periodic
   checkpoints kept in WORKDIR/<stage>/checkpoints/<step>/; the best-by-validation one is kept apart in
-  WORKDIR/<stage>/best/<step>/), async_save (orbax background writes)."""
-  c.checkpoint = ml_collections.ConfigDict(dict(every=every, keep=keep, async_save=True))
+  WORKDIR/<stage>/best/<step>/), async_save (orbax background writes), average_from (> 0: when
+  training ends, the uniform average of the periodic checkpoints from this step on is written to
+  WORKDIR/<stage>/average/<step>/ and scored on validation; `keep` must hold them all; 0 = off)."""
+  c.checkpoint = ml_collections.ConfigDict(dict(every=every, keep=keep, async_save=True,
+                                                average_from=0))
   return c
 
 
@@ -171,7 +174,8 @@ def add_seg_config(c: ml_collections.ConfigDict, *, loss_kind: str = "oeem",
   reference's handling of ignored pixels), aux_weight (0.4), mask_source ("pseudo": pseudo-mask PNGs
   from `pseudo_dir`, default WORKDIR/cam/pseudo_masks; "true": the GlaS annotations, fully
   supervised), pseudo_dir, backbone_init ("": none; "cls" or a folder: the backbone of a
-  stage-cls classifier, seg.init_hook), crop_size (256), scale_min / scale_max (random rescale range),
+  stage-cls classifier, seg.init_hook), backbone_checkpoint (which of that classifier's checkpoints:
+  "best", "average", "latest" or a step), crop_size (256), scale_min / scale_max (random rescale range),
   photometric (photometric distortion on/off), num_classes, b7_dilation (4), eval_window /
   eval_stride (sliding window of the single-scale validation), eval_batch_size, num_eval_images.
   """
@@ -179,6 +183,7 @@ def add_seg_config(c: ml_collections.ConfigDict, *, loss_kind: str = "oeem",
       loss_kind=loss_kind, loss_reference_compat=False, aux_weight=0.4,
       mask_source=mask_source, pseudo_dir="",
       backbone_init="",  # "" | "cls" (= WORKDIR/cls) | a cls stage folder
+      backbone_checkpoint="best",
       crop_size=256, scale_min=0.75, scale_max=3.0, photometric=True,
       num_classes=2, b7_dilation=4,
       eval_window=320, eval_stride=256, eval_batch_size=8, num_eval_images=3,

@@ -30,7 +30,7 @@ BN_MODES = ("auto", "frozen", "train")
 STITCH_MODES = ("vote", "soft")
 # == oeem_jax.method.losses.KINDS (tests/test_losses.py): the segmenter's losses (`seg.loss_kind`).
 LOSS_KINDS = ("ce", "oeem", "c_max", "c_diff", "lc_mix", "ohem")
-CHECKPOINT_CHOICES = "'best', 'latest' or a step number >= 0"
+CHECKPOINT_CHOICES = "'best', 'average', 'latest' or a step number >= 0"
 
 
 def quote(value: Any) -> str:
@@ -96,12 +96,34 @@ def _splits(v, c) -> bool:
 
 
 def _checkpoint(v, c) -> bool:
-  if v in ("best", "latest"):
+  if v in ("best", "average", "latest"):
     return True
   try:
     return int(str(v)) >= 0
   except ValueError:
     return False
+
+
+def averaged_steps(every: int, total: int, from_step: int) -> list[int]:
+  """The periodic checkpoint steps (every `every` steps and the last, `total`) that are >= `from_step`:
+  what `checkpoint.average_from` averages."""
+  steps = set(range(every, total + 1, every)) if every > 0 else set()
+  return sorted(s for s in steps | {total} if s >= from_step)
+
+
+def _average_from(v, c) -> bool:
+  if not _is_int(v) or v < 0:
+    return False
+  total, every = _get(c, "train.steps", 0), _get(c, "checkpoint.every", 0)
+  if v == 0 or not _is_int(total) or total <= 0:  # steps from cls.epochs: checked by the stage
+    return True
+  n = len(averaged_steps(int(every), int(total), int(v)))
+  return v <= total and n <= _get(c, "checkpoint.keep", 1)
+
+
+def _average_from_expected() -> str:
+  return ("0 (off) or a step in 1..train.steps from which on checkpoint.keep holds every periodic "
+          "checkpoint (every checkpoint.every steps, and the last)")
 
 
 def _stride(window_key: str) -> Callable[[Any, Any], bool]:
@@ -157,6 +179,7 @@ TRAIN: list[Rule] = [
     ("train.distributed", _one_of(DISTRIBUTED), "one of " + ", ".join(DISTRIBUTED)),
     ("checkpoint.every", _int_at_least(0), "a number of steps >= 0 (0 = only at the end)"),
     ("checkpoint.keep", _int_at_least(1), "a number of checkpoints >= 1"),
+    ("checkpoint.average_from", _average_from, _average_from_expected),
 ]
 
 
@@ -177,6 +200,7 @@ STAGE_RULES: dict[str, list[Rule]] = {
         ("train.steps", _int_at_least(1), "a number of steps >= 1"),
         ("seg.loss_kind", _one_of(LOSS_KINDS), "one of " + ", ".join(LOSS_KINDS)),
         ("seg.mask_source", _one_of(("pseudo", "true")), "one of pseudo, true"),
+        ("seg.backbone_checkpoint", _checkpoint, CHECKPOINT_CHOICES),
         ("seg.aux_weight", _non_negative, "a weight >= 0"),
         ("seg.crop_size", _int_at_least(8), "a crop side in pixels >= 8"),
         ("seg.scale_min", _positive, "a rescale factor > 0"),
@@ -274,6 +298,30 @@ def stage_config(config, name: str):
   return sub
 
 
+# (reading stage, key naming a checkpoint, key naming the folder it reads ("" = the pipeline's own),
+#  the training stage that must write the average)
+_READS_CHECKPOINT = (("cam", "cam.checkpoint", "cam.cls_dir", "cls"),
+                     ("seg", "seg.backbone_checkpoint", "seg.backbone_init", "cls"),
+                     ("eval", "eval.checkpoint", "eval.seg_dir", "seg"))
+
+
+def _check_averages(config, names: Sequence[str]) -> None:
+  """A pipeline stage that reads the 'average' checkpoint of a training stage the same pipeline
+  trains needs that stage's checkpoint.average_from > 0 (else it would stop after hours of training).
+  """
+  for reader, key, folder_key, trainer in _READS_CHECKPOINT:
+    if reader not in names or trainer not in names:
+      continue
+    sub = config[f"stage_{reader}"]
+    folder = str(_get(sub, folder_key, ""))
+    if _get(sub, key, None) != "average" or folder not in ("", "cls"):
+      continue
+    if not int(_get(config[f"stage_{trainer}"], "checkpoint.average_from", 0) or 0) > 0:
+      raise ConfigError(f"stage_{reader}.{key}", "'average'",
+                        f"'best' or 'latest' unless stage_{trainer}.checkpoint.average_from > 0 (it is "
+                        f"0: stage {trainer} writes no averaged checkpoint)")
+
+
 def validate(config) -> None:
   """Checks `config` for `config.stage` (see the module docstring).
 
@@ -293,6 +341,7 @@ def validate(config) -> None:
         validate(sub)
       except ConfigError as e:
         raise e.with_prefix(pipeline_prefix(name, e.key)) from None
+    _check_averages(config, names)
     return
   if stage not in STAGES:
     raise ConfigError("stage", quote(stage), "one of " + ", ".join(STAGES))

@@ -9,6 +9,10 @@ Layout of a stage folder (`train.train_loop` writes it, `load_variables` reads i
 * `<stage_dir>/best/<step>/` — item `variables`: `{"params", "batch_stats"}` of the best evaluation
   so far (one kept); the evaluation metrics are stored as orbax step metrics, so a resumed run knows
   the best value so far.
+* `<stage_dir>/average/<step>/` — item `variables`: the uniform average of the periodic checkpoints
+  from step `checkpoint.average_from` to the last (`average_checkpoints`, written by the training
+  stage when that key is > 0), with its validation metrics as orbax step metrics; `step` is the
+  last averaged step.
 """
 
 from __future__ import annotations
@@ -267,6 +271,70 @@ def _restore_here(directory: Path, item: str, which: str | int) -> tuple[PyTree,
   return jax.device_get(out[item]), step
 
 
+AVERAGE_DIR = "average"
+
+
+def periodic_steps(stage_dir: str | Path) -> list[int]:
+  """The steps of the periodic checkpoints kept in `<stage_dir>/checkpoints/`, ascending ([] if none)."""
+  ckpt = Path(stage_dir) / "checkpoints"
+  if not ckpt.is_dir():
+    return []
+  options = ocp.CheckpointManagerOptions(read_only=True, create=False, save_interval_steps=0)
+  with ocp.CheckpointManager(ckpt.absolute(), options=options) as m:
+    return sorted(int(s) for s in m.all_steps())
+
+
+def average_trees(trees: Sequence[PyTree]) -> PyTree:
+  """The leaf-wise uniform mean of variable trees of one structure (summed in float64, cast back to
+  each leaf's dtype): the weight averaging of SWA (Izmailov et al., UAI 2018), applied to
+  `{"params", "batch_stats"}` alike (BN running means and variances are averaged too, not
+  re-estimated).
+
+  Raises:
+    ValueError: no trees, or trees whose structures differ.
+  """
+  if not trees:
+    raise ValueError("average_trees: no trees to average")
+  def mean(*leaves):
+    first = np.asarray(leaves[0])
+    return (sum(np.asarray(x, np.float64) for x in leaves) / len(leaves)).astype(first.dtype)
+  return jax.tree.map(mean, *trees)
+
+
+def average_checkpoints(stage_dir: str | Path, from_step: int) -> tuple[PyTree, list[int]]:
+  """The uniform average (`average_trees`) of the periodic checkpoints of `stage_dir` whose step is
+  >= `from_step`.
+
+  Returns:
+    ({"params", "batch_stats"} host arrays, the averaged steps ascending).
+
+  Raises:
+    FileNotFoundError: no periodic checkpoint at or after `from_step` (the message lists those kept).
+  """
+  kept = periodic_steps(stage_dir)
+  steps = [s for s in kept if s >= int(from_step)]
+  if not steps:
+    folder = Path(stage_dir) / "checkpoints"
+    raise FileNotFoundError(f"no periodic checkpoint at step >= {from_step} in {folder} "
+                            f"(have {kept}); checkpoint.keep must keep every checkpoint from "
+                            "checkpoint.average_from on")
+  return average_trees([load_variables(stage_dir, s)[0] for s in steps]), steps
+
+
+def save_average(stage_dir: str | Path, step: int, variables: PyTree,
+                 metrics: Mapping[str, float]) -> Path:
+  """Writes `variables` (and `metrics`) as `<stage_dir>/average/<step>/`, replacing an older one."""
+  folder = (Path(stage_dir) / AVERAGE_DIR).absolute()
+  options = ocp.CheckpointManagerOptions(
+      create=True, cleanup_tmp_directories=True, enable_async_checkpointing=False,
+      preservation_policy=ocp.checkpoint_managers.LatestN(n=1))
+  with ocp.CheckpointManager(folder, options=options) as m:
+    m.save(step, args=ocp.args.Composite(variables=ocp.args.StandardSave(variables)),
+           metrics=dict(metrics), force=True)
+    m.wait_until_finished()
+  return folder
+
+
 def load_variables(stage_dir: str | Path, which: str | int = "best") -> tuple[dict[str, PyTree], int]:
   """Reads `{"params", "batch_stats"}` saved by `train_loop` (host NumPy arrays), also from a
   checkpoint written by another number of devices or processes (e.g. a multi-host run read by a
@@ -275,7 +343,8 @@ def load_variables(stage_dir: str | Path, which: str | int = "best") -> tuple[di
   Args:
     stage_dir: WORKDIR/<stage> of a training stage.
     which: "best" (the best-by-validation checkpoint, falling back to the newest periodic one when
-      no evaluation ran), "latest", or a step number of a periodic checkpoint.
+      no evaluation ran), "average" (the averaged checkpoint, `average_checkpoints`), "latest", or
+      a step number of a periodic checkpoint.
 
   Returns:
     (variables, step).
@@ -285,6 +354,15 @@ def load_variables(stage_dir: str | Path, which: str | int = "best") -> tuple[di
   """
   stage_dir = Path(stage_dir)
   quiet_orbax_logs()
+  if which == "average":
+    found = None
+    if (stage_dir / AVERAGE_DIR).is_dir():
+      found = _restore_here(stage_dir / AVERAGE_DIR, "variables", "latest")
+    if found is None:
+      raise FileNotFoundError(
+          f"no averaged checkpoint in {stage_dir / AVERAGE_DIR} (the training stage writes one when "
+          "checkpoint.average_from > 0; or read 'best' or 'latest')")
+    return found
   if which == "best" and (stage_dir / "best").is_dir():
     found = _restore_here(stage_dir / "best", "variables", "best")
     if found is not None:

@@ -109,7 +109,39 @@ def train_stage(config: ml_collections.ConfigDict, stage_dir: Path, parts: Stage
                     pretrained=parts.pretrained, eval_fn=validator)
   options = train.LoopOptions.from_config(config, steps, name=parts.name,
                                           best_metric=parts.best_metric if validator else None)
-  return train.train_loop(stage_dir, task, options, mesh=mesh, run_identity=parts.identity)
+  result = train.train_loop(stage_dir, task, options, mesh=mesh, run_identity=parts.identity)
+  average_from = int(config.checkpoint.get("average_from", 0) or 0)
+  if average_from > 0:
+    result["average"] = write_average(stage_dir, parts.name, average_from, validator, mesh)
+  return result
+
+
+def write_average(stage_dir: Path, name: str, average_from: int,
+                  validator: Callable[[Any, int], train.EvalResult] | None, mesh) -> dict[str, Any]:
+  """Averages the periodic checkpoints from step `average_from` on (`checkpoint.average_checkpoints`),
+  scores the average on validation and writes it to `<stage_dir>/average/<last step>/`.
+
+  Returns:
+    {"steps": the averaged steps, "eval": validation metrics of the average ({} without
+    validation images), "params_digest"}.
+
+  Raises:
+    FileNotFoundError: no periodic checkpoint at or after `average_from`.
+  """
+  from oeem_jax.engine import checkpoint
+
+  variables, steps = checkpoint.average_checkpoints(stage_dir, average_from)
+  metrics = {}
+  if validator is not None:
+    replicated = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    metrics = {k: float(v) for k, v in validator(replicated, steps[-1]).metrics.items()}
+  if jax.process_index() == 0:
+    checkpoint.save_average(stage_dir, steps[-1], variables, metrics)
+  shown = ", ".join(f"{k} {100 * v:.2f}" for k, v in metrics.items() if "miou" in k)
+  logging.info("%s: averaged the checkpoints of steps %s%s", name, ", ".join(map(str, steps)),
+               f": validation {shown}" if shown else "")
+  return {"steps": steps, "eval": metrics,
+          "params_digest": checkpoint.params_digest(variables["params"])}
 
 
 def summary_line(head: str, result: Mapping[str, Any], label: str, metric: str) -> str:
@@ -122,6 +154,19 @@ def summary_line(head: str, result: Mapping[str, Any], label: str, metric: str) 
     line += (f"; val {label} {100 * fe[metric]:.2f} (best {100 * best[metric]:.2f} at step "
              f"{best['step']})")
   return line
+
+
+def average_note(result: Mapping[str, Any], label: str, metric: str) -> str:
+  """`; average of steps <first>-<last> (<n>): val <label> <x>` when the run averaged its
+  checkpoints (`write_average`), else ""."""
+  avg = result.get("average")
+  if not avg:
+    return ""
+  steps = avg["steps"]
+  note = f"; average of steps {steps[0]}-{steps[-1]} ({len(steps)})"
+  if metric in avg["eval"]:
+    note += f": val {label} {100 * avg['eval'][metric]:.2f}"
+  return note
 
 
 def colour_mask(mask: np.ndarray) -> np.ndarray:

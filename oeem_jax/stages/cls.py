@@ -45,7 +45,8 @@ from oeem_jax.method import losses
 from oeem_jax.method.pseudo_mask import label_masked_argmax, label_masked_softmax
 from oeem_jax.models.network import config_input_stats as input_stats
 from oeem_jax.models.network import imagenet_init_hook
-from oeem_jax.stages._training import StageParts, colour_mask, panel, summary_line, train_stage
+from oeem_jax.stages._training import (StageParts, average_note, colour_mask, panel, summary_line,
+                                       train_stage)
 
 if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collections
   import ml_collections
@@ -240,6 +241,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   line = summary_line("cls", result, "CAM mIoU", "cam_miou")
   if fe:
     line += f", tile F1 {100 * fe['tile_f1']:.2f}"
+  line += average_note(result, "CAM mIoU", "cam_miou")
   result.update({
       "num_train_tiles": int(len(tiles)),
       "num_train_images": len(data.splits["train"]),

@@ -44,7 +44,8 @@ from oeem_jax.method import losses
 from oeem_jax.models.network import config_input_stats as input_stats
 from oeem_jax.models.network import imagenet_init_hook
 from oeem_jax.runtime import artifacts
-from oeem_jax.stages._training import StageParts, colour_mask, panel, summary_line, train_stage
+from oeem_jax.stages._training import (StageParts, average_note, colour_mask, panel, summary_line,
+                                       train_stage)
 
 if TYPE_CHECKING:  # annotations only: importing this module needs no ml_collections
   import ml_collections
@@ -170,9 +171,10 @@ def init_hook(config: ml_collections.ConfigDict, stage_dir: Path):
 
   * `model.init_checkpoint`: the ImageNet ResNet-38d backbone (the reference, docs/reference.md §4);
   * `seg.backbone_init`: the backbone (parameters and BN statistics) of our own stage-`cls`
-    classifier, best checkpoint ("cls" = WORKDIR/cls). It saw only patch labels, so the method stays
-    weakly supervised; this is the `:cpu` default, where no ImageNet weights are used and a
-    from-scratch PSPNet learns too slowly in a CPU budget (README "Differences").
+    classifier, checkpoint `seg.backbone_checkpoint` ("cls" = WORKDIR/cls). It saw only patch
+    labels, so the method stays weakly supervised; this is the `:cpu` default, where no ImageNet
+    weights are used and a from-scratch PSPNet learns too slowly in a CPU budget (README
+    "Differences").
 
   Raises:
     ValueError: both keys set.
@@ -187,15 +189,17 @@ def init_hook(config: ml_collections.ConfigDict, stage_dir: Path):
     raise ConfigError("seg.backbone_init", repr(config.seg.backbone_init),
                       f"'' while model.init_checkpoint is set ({config.model.init_checkpoint!r}): "
                       "both set; choose one backbone initialisation")
-  if not (cls_dir / "best").is_dir() and not (cls_dir / "checkpoints").is_dir():
+  if not any((cls_dir / d).is_dir() for d in ("best", "checkpoints", "average")):
     raise FileNotFoundError(
         f"config key seg.backbone_init: no classifier checkpoint in {cls_dir} (run stage cls "
         "there, point the key at a cls stage folder, or set --config.seg.backbone_init='' to "
         "train the backbone from scratch)")
 
   def load_weights(variables):
-    source, step = load_variables(cls_dir, "best")
-    logging.info("seg: backbone initialised from the classifier in %s (step %d)", cls_dir, step)
+    which = config.seg.get("backbone_checkpoint", "best")
+    source, step = load_variables(cls_dir, which)
+    logging.info("seg: backbone initialised from the %s classifier checkpoint in %s (step %d)", which,
+                 cls_dir, step)
     return copy_backbone(variables, source, f"{cls_dir} (step {step})")
 
   return load_weights
@@ -282,7 +286,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
       dataset=dataset, pretrained=load, freeze=freeze, val_examples=data.splits["val"],
       make_validator=make_validator, best_metric="miou", identity=identity), steps)
   line = summary_line(f"seg ({config.seg.mask_source} masks, {config.seg.loss_kind})", result,
-                      "mIoU", "miou")
+                      "mIoU", "miou") + average_note(result, "mIoU", "miou")
   result.update({
       "num_train_images": len(examples),
       "mask_source": config.seg.mask_source,
