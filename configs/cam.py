@@ -3,14 +3,15 @@ r"""Stage `cam`: CAMs of the trained classifier -> pseudo-masks of the training 
 
     python -m oeem_jax.main --config=configs/cam.py --config.data.dir=../shared/data/glas --workdir=W
 
-Reads the classifier from W/cls (best checkpoint by validation CAM mIoU; the network is rebuilt from
-W/cls/network.json), writes W/cam/pseudo_masks/<name>.png (0/1) and previews (0/255), and reports
+Reads the classifier from W/cls (`cam.checkpoint`: default the best checkpoint by validation CAM
+mIoU; the network is rebuilt from W/cls/network.json), writes W/cam/pseudo_masks/<name>.png (0/1) and previews (0/255), and reports
 the CAM and pseudo-mask mIoU on the training images (paper Table 2).
 
 `cam.stitch` merges the overlapping tiles: "vote" (the reference's majority vote, the default) or
 "soft" (mean of the tiles' label-masked class probabilities at `cam.stitch_temperature`).
 
-Arg `cpu` (EfficientNet-Lite0 classifier): scale 1 only, soft stitching; `cpu_scratch` (ResNet38 w0.125): scales 1
+Arg `cpu` (EfficientNet-Lite0 classifier): scale 1 only, soft stitching, the classifier's averaged
+checkpoint (`cam.checkpoint = "average"`, W/cls/average/, written by configs/cls.py:cpu); `cpu_scratch` (ResNet38 w0.125): scales 1
 and 1.5 (5 sub-tiles per tile instead of 27); `demo`: scales 1 and 1.5 as well.
 """
 
@@ -52,6 +53,8 @@ def get_config(arg: str | None = None):
     c.cam.scales = (1.0,)
     # Soft stitching: validation pseudo-mask mIoU 76.87 vs 72.72 by vote (docs/results.md).
     c.cam.stitch = "soft"
+    # The average of the classifier's checkpoints (configs/cls.py:cpu, checkpoint.average_from).
+    c.cam.checkpoint = "average"
   elif arg in ("cpu_scratch", "demo"):
     # 1 + 4 sub-tiles per tile instead of 27 (docs: CPU run times).
     c.cam.scales = (1.0, 1.5)

@@ -15,7 +15,8 @@ configs/seg_full.py (true masks). Arg `cpu`: PSPNet on EfficientNet-Lite0 from i
 (`model.init_checkpoint="efficientnet_lite0"`, BN trained as the reference does), heads at width 0.25
 (128 / 64 channels), 112 crops at random scale 0.5-1.5, batch 8, 1,200 steps at lr 0.02, evaluation
 every 300 steps with a 224/192 window; pseudo-mask runs start the backbone from the stage-cls
-classifier in W/cls (`seg.backbone_init`), the fully supervised run from ImageNet. Arg `cpu_scratch` (the previous CPU run): ResNet38 width 0.125, 4,000
+classifier in W/cls (`seg.backbone_init`; its averaged checkpoint, `seg.backbone_checkpoint`),
+the fully supervised run from ImageNet. Arg `cpu_scratch` (the previous CPU run): ResNet38 width 0.125, 4,000
 steps, evaluation every 500, and (pseudo-mask runs) the backbone initialised from the stage-cls
 classifier in W/cls (`seg.backbone_init`; for another folder `--config.seg.backbone_init=DIR/cls`,
 for none `--config.seg.backbone_init=''`).
@@ -73,6 +74,7 @@ def get_seg_config(arg: str | None, *, loss_kind: str, mask_source: str, config_
     # no cls stage: it starts from ImageNet.
     if mask_source == "pseudo":
       c.seg.backbone_init = "cls"
+      c.seg.backbone_checkpoint = "average"  # the classifier cam reads (configs/cls.py:cpu)
       c.model.init_checkpoint = ""  # the classifier's backbone already started from ImageNet
     c.train.lr = 0.02
     c.train.steps = 1200

@@ -313,3 +313,30 @@ def test_stitch_keys_are_checked_and_the_cpu_classifier_scores_as_the_cam_stage_
     bad.cam[key] = value
     with pytest.raises(errors.ConfigError, match=f"config key cam.{key}: .*expected {expected}"):
       config_check.validate(bad)
+
+
+def test_the_cpu_pipeline_reads_the_averaged_classifier_and_refuses_an_average_never_written():
+  c = load_config_file("pipeline").get_config("cpu")
+  config_check.validate(c)
+  # cam and the segmenter's backbone read the average of the classifier's 8 checkpoints 100..800.
+  assert c.stage_cam.cam.checkpoint == c.stage_seg.seg.backbone_checkpoint == "average"
+  assert config_check.averaged_steps(c.stage_cls.checkpoint.every, c.stage_cls.train.steps,
+                                     c.stage_cls.checkpoint.average_from) == list(range(100, 900, 100))
+  # The paper's settings and the demo keep the best checkpoint.
+  for arg in (None, "demo"):
+    p = load_config_file("pipeline").get_config(arg)
+    assert p.stage_cam.cam.checkpoint == p.stage_seg.seg.backbone_checkpoint == "best"
+    assert p.stage_cls.checkpoint.average_from == 0
+  c.stage_cls.checkpoint.average_from = 0
+  with pytest.raises(errors.ConfigError, match=r"config key stage_cam.cam.checkpoint: 'average'; "
+                     r"expected 'best' or 'latest' unless stage_cls.checkpoint.average_from > 0"):
+    config_check.validate(c)
+  c.stage_cam.cam.checkpoint = "best"
+  with pytest.raises(errors.ConfigError, match="config key stage_seg.seg.backbone_checkpoint"):
+    config_check.validate(c)
+  c.pipeline.stages = "cam,seg"  # the classifier comes from elsewhere: not this pipeline's business
+  config_check.validate(c)
+  c = load_config_file("pipeline").get_config("cpu")
+  c.stage_cls.checkpoint.keep = 7  # 8 checkpoints to average, 7 kept
+  with pytest.raises(errors.ConfigError, match="config key stage_cls.checkpoint.average_from: 100"):
+    config_check.validate(c)
