@@ -213,7 +213,7 @@ def test_pretrained_efficientnet_stages_on_synthetic(tmp_path, data_cache):
   c = _config("pipeline", "cpu")
   c.data.cache_dir = str(data_cache)
   c.data.val_count = 0  # no validators to compile: this test is about the weights and the wiring
-  c.stage_cam.cam.checkpoint = "latest"
+  c.stage_cls.checkpoint.average_from = 1  # 2 steps: the average of the one checkpoint, step 2
   c.stage_cam.cam.scales = (1.0,)  # one CAM compile: the scales are tested elsewhere
   c.pipeline.stages = "cls,cam,seg"
   for s in (c.stage_cls, c.stage_seg):
@@ -235,6 +235,12 @@ def test_pretrained_efficientnet_stages_on_synthetic(tmp_path, data_cache):
   assert (data_cache / "pretrained").is_dir() and list((data_cache / "pretrained").glob("*.npz"))
   cam = json.loads((tmp_path / "cam" / "summary.json").read_text())
   assert cam["num_images"] == 12 and 0.0 <= cam["pseudo_mask_miou"] <= 1.0
+  # cam and the segmenter's backbone read the classifier's average (configs/cls.py:cpu), here of
+  # its one checkpoint: the same weights as the final ones.
+  assert cls["average"]["steps"] == [2] and cls["average"]["eval"] == {}
+  assert cls["average"]["params_digest"] == cls["params_digest"]
+  assert cam["checkpoint_step"] == 2 and cam["config"]["cam"]["checkpoint"] == "average"
+  assert seg["config"]["seg"]["backbone_checkpoint"] == "average"
 
 
 def test_analyse_oeem_script_on_the_demo_segmenter(demo_run, tmp_path):
