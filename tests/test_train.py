@@ -186,8 +186,8 @@ def test_checkpoint_average_is_the_mean_of_the_kept_checkpoints(reference_run, t
   workdir = tmp_path / "run"
   shutil.copytree(ref, workdir)
   assert checkpoint.periodic_steps(workdir) == [3, 6, 9, 12]
-  average, steps = checkpoint.average_checkpoints(workdir, 5)
-  assert steps == [6, 9, 12]
+  steps = [6, 9, 12]
+  average = checkpoint.average_checkpoints(workdir, steps)
   by_step = [load_variables(workdir, s)[0] for s in steps]
   for coll in ("params", "batch_stats"):
     flat = [jax.tree.leaves(v[coll]) for v in by_step]
@@ -196,8 +196,8 @@ def test_checkpoint_average_is_the_mean_of_the_kept_checkpoints(reference_run, t
       assert leaf.dtype == flat[0][k].dtype
       np.testing.assert_allclose(leaf, want, rtol=1e-6, atol=1e-7)
   assert params_digest(average["params"]) != params_digest(by_step[-1]["params"])
-  with pytest.raises(FileNotFoundError, match=r"step >= 13 .*have \[3, 6, 9, 12\].*checkpoint.keep"):
-    checkpoint.average_checkpoints(workdir, 13)
+  with pytest.raises(FileNotFoundError, match=r"step\(s\) \[13\] .*have \[3, 6, 9, 12\].*checkpoint.keep"):
+    checkpoint.average_checkpoints(workdir, [9, 12, 13])
   with pytest.raises(FileNotFoundError, match="no averaged checkpoint.*average_from"):
     load_variables(workdir, "average")
 
@@ -205,7 +205,7 @@ def test_checkpoint_average_is_the_mean_of_the_kept_checkpoints(reference_run, t
   def validator(variables, step):
     seen.append(step)
     return train.EvalResult(metrics={"miou": 0.5})
-  out = write_average(workdir, "toy", 5, validator, make_mesh())
+  out = write_average(workdir, "toy", [6, 9, 12], validator, make_mesh())
   assert out["steps"] == [6, 9, 12] and out["eval"] == {"miou": 0.5} and seen == [12]
   restored, step = load_variables(workdir, "average")
   assert step == 12 and params_digest(restored["params"]) == out["params_digest"]

@@ -301,24 +301,25 @@ def average_trees(trees: Sequence[PyTree]) -> PyTree:
   return jax.tree.map(mean, *trees)
 
 
-def average_checkpoints(stage_dir: str | Path, from_step: int) -> tuple[PyTree, list[int]]:
-  """The uniform average (`average_trees`) of the periodic checkpoints of `stage_dir` whose step is
-  >= `from_step`.
+def average_checkpoints(stage_dir: str | Path, steps: Sequence[int]) -> PyTree:
+  """The uniform average (`average_trees`) of the periodic checkpoints of `stage_dir` at `steps`
+  (`config.check.averaged_steps`: every checkpoint.every steps and the last, from
+  checkpoint.average_from on; a checkpoint a preemption saved between them is left out).
 
   Returns:
-    ({"params", "batch_stats"} host arrays, the averaged steps ascending).
+    {"params", "batch_stats"} host arrays.
 
   Raises:
-    FileNotFoundError: no periodic checkpoint at or after `from_step` (the message lists those kept).
+    FileNotFoundError: a step without its periodic checkpoint (the message lists those kept).
   """
   kept = periodic_steps(stage_dir)
-  steps = [s for s in kept if s >= int(from_step)]
-  if not steps:
+  missing = [s for s in steps if s not in kept]
+  if missing or not steps:
     folder = Path(stage_dir) / "checkpoints"
-    raise FileNotFoundError(f"no periodic checkpoint at step >= {from_step} in {folder} "
+    raise FileNotFoundError(f"no periodic checkpoint of step(s) {missing or list(steps)} in {folder} "
                             f"(have {kept}); checkpoint.keep must keep every checkpoint from "
                             "checkpoint.average_from on")
-  return average_trees([load_variables(stage_dir, s)[0] for s in steps]), steps
+  return average_trees([load_variables(stage_dir, s)[0] for s in steps])
 
 
 def save_average(stage_dir: str | Path, step: int, variables: PyTree,

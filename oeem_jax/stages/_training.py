@@ -112,13 +112,15 @@ def train_stage(config: ml_collections.ConfigDict, stage_dir: Path, parts: Stage
   result = train.train_loop(stage_dir, task, options, mesh=mesh, run_identity=parts.identity)
   average_from = int(config.checkpoint.get("average_from", 0) or 0)
   if average_from > 0:
-    result["average"] = write_average(stage_dir, parts.name, average_from, validator, mesh)
+    from oeem_jax.config.check import averaged_steps
+    chosen = averaged_steps(int(config.checkpoint.every), steps, average_from)
+    result["average"] = write_average(stage_dir, parts.name, chosen, validator, mesh)
   return result
 
 
-def write_average(stage_dir: Path, name: str, average_from: int,
+def write_average(stage_dir: Path, name: str, steps: Sequence[int],
                   validator: Callable[[Any, int], train.EvalResult] | None, mesh) -> dict[str, Any]:
-  """Averages the periodic checkpoints from step `average_from` on (`checkpoint.average_checkpoints`),
+  """Averages the periodic checkpoints of `steps` (ascending; `checkpoint.average_checkpoints`),
   scores the average on validation and writes it to `<stage_dir>/average/<last step>/`.
 
   Returns:
@@ -126,11 +128,12 @@ def write_average(stage_dir: Path, name: str, average_from: int,
     validation images), "params_digest"}.
 
   Raises:
-    FileNotFoundError: no periodic checkpoint at or after `average_from`.
+    FileNotFoundError: a step without its periodic checkpoint.
   """
   from oeem_jax.engine import checkpoint
 
-  variables, steps = checkpoint.average_checkpoints(stage_dir, average_from)
+  steps = list(steps)
+  variables = checkpoint.average_checkpoints(stage_dir, steps)
   metrics = {}
   if validator is not None:
     replicated = jax.device_put(variables, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
