@@ -47,6 +47,9 @@ def get_config(arg: str | None = None):
   p.align_regions = True
   p.overlay_max_side = 2048      # overlays are downsampled by an integer factor to at most this
   p.tiff_mask_pixels = 4096 * 4096  # masks of images with more pixels are tiled TIFFs, else PNG
+  # Tissue detection (oeem_jax.predict.tissue): only windows on or near tissue are predicted, glass
+  # is non-gland. "auto" = on for images above tiff_mask_pixels (slides), "on", "off".
+  p.tissue_detection = "auto"
   p.simplify_px = 0.0            # GeoJSON polygon simplification in px (0 = exact pixel outlines)
   p.stain_check = True           # compare colours with the training images (oeem_jax.predict.stain)
   p.stain_z_max = 6.0            # flag an image more than this many std from the training mean

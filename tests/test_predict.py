@@ -283,6 +283,40 @@ def test_predict_folder_outputs_bad_files_and_rerun(tiny, tmp_path):
   assert third["num_skipped"] == 0 and third["num_done"] == 2 and third["settings"]["flip"] is False
 
 
+def test_tissue_detection_on_a_slide_of_glass(tiny, tmp_path):
+  """A field on glass: the field is predicted as without detection, the far glass is skipped and
+  non-gland; a slide of glass only gives an empty mask and a note."""
+  *_, folder = tiny
+  rng = np.random.default_rng(5)
+  glass = np.clip(np.full((600, 800, 3), (238, 238, 242)) + rng.integers(-3, 4, (600, 800, 3)),
+                  0, 255).astype(np.uint8)
+  slide = glass.copy()
+  slide[200:500, 250:650] = draw(300, 400, 7)  # 186 x 248 µm: above the 0.01 mm² speck limit
+  mpp = dict(resolution=(1e4 / 0.62, 1e4 / 0.62), resolutionunit="CENTIMETER")
+  tifffile.imwrite(tmp_path / "slide.tif", slide, tile=(64, 64), photometric="rgb", **mpp)
+  tifffile.imwrite(tmp_path / "glass.tif", glass, tile=(64, 64), photometric="rgb", **mpp)
+  kw = dict(region_size=128, tiff_mask_pixels=0, overlay_max_side=200)
+  on = stages.run_stage(predict_config(folder, tmp_path / "slide.tif", **kw), tmp_path / "on")
+  off = stages.run_stage(predict_config(folder, tmp_path / "slide.tif", tissue_detection="off",
+                                        **kw), tmp_path / "off")
+  m_on, m_off = (tifffile.imread(d / "predict" / "masks" / "slide.tif") for d in
+                 (tmp_path / "on", tmp_path / "off"))
+  rec = on["images"][0]["tissue"]
+  assert rec["used"] and off["images"][0]["tissue"]["used"] is False
+  # The thumbnail (1/13) finds the field, 300 x 400 px of 600 x 800 (25 %).
+  assert 0.22 < rec["fraction"] < 0.3 and rec["thumbnail_size"] == [62, 47]
+  np.testing.assert_array_equal(m_on[200:500, 250:650], m_off[200:500, 250:650])
+  assert 0 < rec["windows_skipped"] < rec["windows"] and rec["regions_skipped"] > 0
+  # More than the margin (50 px) plus a window (48) plus a thumbnail pixel (13) from the field:
+  # no window ran there, non-gland.
+  assert not m_on[:, 765:].any() and not m_on[:85].any()
+  empty = stages.run_stage(predict_config(folder, tmp_path / "glass.tif", **kw), tmp_path / "g")
+  g = empty["images"][0]
+  assert g["tissue"]["fraction"] == 0.0 and g["num_glands"] == 0
+  assert any("no tissue found" in n for n in g["notes"])
+  assert not tifffile.imread(tmp_path / "g" / "predict" / "masks" / "glass.tif").any()
+
+
 def test_region_size_does_not_change_the_mask_at_scale_one(tiny, tmp_path):
   *_, folder = tiny
   img = draw(180, 260, 9)

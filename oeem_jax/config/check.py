@@ -243,6 +243,8 @@ STAGE_RULES["predict"] = [
     ("predict.region_size", _int_at_least(16), "a region side >= 16 px (default 4096)"),
     ("predict.overlay_max_side", _int_at_least(16), "a side >= 16 px"),
     ("predict.tiff_mask_pixels", _int_at_least(0), "a pixel count >= 0"),
+    ("predict.tissue_detection", _one_of(("auto", "on", "off")),
+     "'auto' (on for images above predict.tiff_mask_pixels), 'on' or 'off'"),
     ("predict.simplify_px", _non_negative, "a tolerance in px >= 0 (0 = exact)"),
     ("predict.stain_z_max", _positive, "a number of standard deviations > 0"),
 ]

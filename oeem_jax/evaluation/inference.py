@@ -91,11 +91,21 @@ def resize_bilinear_host(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
   return tf.image.resize(x, tuple(size), method="bilinear", antialias=False).numpy()
 
 
+# Logit margin of the filled class where a pixel's windows were all skipped (softmax ~ 1 - 1e-13).
+SKIPPED_LOGIT = 30.0
+# A window predicate: (y0, y1, x0, x1), half-open, in pixels -> whether to run the window.
+WindowKeep = Callable[[float, float, float, float], bool]
+
+
 class _Pass:
-  """One image being tiled: padded input, window offsets, logit sums and the finish callback."""
+  """One image being tiled: padded input, window offsets, logit sums and the finish callback.
+
+  With `keep`, windows it refuses are not run; a pixel's logits are then the mean over the windows
+  that ran, and a pixel no run window covers gets logits (SKIPPED_LOGIT, 0, ...): class 0.
+  """
 
   def __init__(self, image: np.ndarray, done: Callable[[np.ndarray], None], window: int,
-               stride: int):
+               stride: int, keep: WindowKeep | None = None, num_classes: int = 0):
     h, w = image.shape[:2]
     self.height, self.width = h, w
     ph, pw = max(h, window), max(w, window)
@@ -104,35 +114,68 @@ class _Pass:
     self.image = image
     self.done = done
     ys, xs = window_starts(h, window, stride), window_starts(w, window, stride)
-    self.coords = [(y, x) for y in ys for x in xs]
-    self.remaining = len(self.coords)
+    coords = [(y, x) for y in ys for x in xs]
     self.sum: np.ndarray | None = None  # float32[ph, pw, C], created with the first outputs
-    # Windows form a grid, so the number covering (y, x) is rows(y) * cols(x).
-    rows, cols = np.zeros(ph, np.float32), np.zeros(pw, np.float32)
-    for y in ys:
-      rows[y:y + window] += 1
-    for x in xs:
-      cols[x:x + window] += 1
-    self.count = np.outer(rows[:h], cols[:w])[..., None]
+    self.kept_count: np.ndarray | None = None  # float32[ph, pw] with `keep`: run windows per pixel
+    if keep is None:
+      self.coords = coords
+      # Windows form a grid, so the number covering (y, x) is rows(y) * cols(x).
+      rows, cols = np.zeros(ph, np.float32), np.zeros(pw, np.float32)
+      for y in ys:
+        rows[y:y + window] += 1
+      for x in xs:
+        cols[x:x + window] += 1
+      self.count = np.outer(rows[:h], cols[:w])[..., None]
+    else:
+      if num_classes < 1:
+        raise ValueError("a window filter needs num_classes >= 1 (the logits of skipped pixels)")
+      self.coords = [(y, x) for y, x in coords
+                     if keep(y, min(h, y + window), x, min(w, x + window))]
+      self.kept_count = np.zeros((ph, pw), np.float32)
+      self.num_classes = num_classes
+    self.total = len(coords)
+    self.remaining = len(self.coords)
+    if self.remaining == 0:
+      self._finish()
 
   def add(self, y: int, x: int, logits: np.ndarray, window: int) -> None:
     if self.sum is None:
       self.sum = np.zeros(self.image.shape[:2] + logits.shape[-1:], np.float32)
     self.sum[y:y + window, x:x + window] += logits
+    if self.kept_count is not None:
+      self.kept_count[y:y + window, x:x + window] += 1
     self.remaining -= 1
     if self.remaining == 0:
-      h, w = self.height, self.width
+      self._finish()
+
+  def _finish(self) -> None:
+    h, w = self.height, self.width
+    if self.kept_count is None:
       self.done(self.sum[:h, :w] / self.count)
-      self.sum = self.image = None  # free memory early
+    else:
+      c = self.num_classes if self.sum is None else self.sum.shape[-1]
+      fill = np.zeros(c, np.float32)
+      fill[0] = SKIPPED_LOGIT
+      count = self.kept_count[:h, :w, None]
+      if self.sum is None:
+        out = np.broadcast_to(fill, (h, w, c)).copy()
+      else:
+        out = np.where(count > 0, self.sum[:h, :w] / np.maximum(count, 1), fill)
+      self.done(out)
+    self.sum = self.image = self.kept_count = None  # free memory early
 
 
-def _run_passes(apply_fn: ApplyFn, passes: Iterable[tuple[np.ndarray, Callable[[np.ndarray], None]]],
-                *, window: int, stride: int, batch_size: int) -> None:
+def _run_passes(apply_fn: ApplyFn, passes: Iterable[tuple], *, window: int, stride: int,
+                batch_size: int, num_classes: int = 0) -> tuple[int, int]:
   """Streams the windows of all passes through `apply_fn` in fixed-shape batches.
 
-  `passes` yields (image float32[H, W, 3], done); `done(logits float32[H, W, C])` is called as soon
-  as all windows of that pass are back. Passes are consumed lazily, so only the passes with windows
-  in the current batch are held in memory.
+  `passes` yields (image float32[H, W, 3], done) or (image, done, keep); `done(logits float32[H, W,
+  C])` is called as soon as all windows of that pass are back. `keep` (a `WindowKeep` in the pass's
+  pixels, or None) drops windows (see `_Pass`; needs `num_classes`). Passes are consumed lazily, so
+  only the passes with windows in the current batch are held in memory.
+
+  Returns:
+    (windows in all passes, windows skipped by `keep`).
   """
   if window < 1 or stride < 1 or batch_size < 1:
     raise ValueError(f"window, stride and batch_size must be >= 1, got {window}, {stride}, "
@@ -152,17 +195,23 @@ def _run_passes(apply_fn: ApplyFn, passes: Iterable[tuple[np.ndarray, Callable[[
       p.add(y, x, out[k], window)
     pending.clear()
 
-  for image, done in passes:
+  total = skipped = 0
+  for item in passes:
+    image, done = item[0], item[1]
+    keep = item[2] if len(item) > 2 else None
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 3 or image.shape[-1] != 3:
       raise ValueError(f"expected an image float32[H, W, 3], got shape {image.shape}")
-    p = _Pass(image, done, window, stride)
+    p = _Pass(image, done, window, stride, keep, num_classes)
+    total += p.total
+    skipped += p.total - len(p.coords)
     for y, x in p.coords:
       pending.append((p, y, x))
       if len(pending) == batch_size:
         flush()
   if pending:
     flush()
+  return total, skipped
 
 
 def sliding_window_logits(apply_fn: ApplyFn, image: np.ndarray, *, window: int = 320,
@@ -191,7 +240,8 @@ def sliding_window_logits(apply_fn: ApplyFn, image: np.ndarray, *, window: int =
 def predict_probs(apply_fn: ApplyFn, image: np.ndarray, *,
                   normalize: Callable[[np.ndarray], np.ndarray],
                   scales: Sequence[float] = INFERENCE_SCALES, flip: bool = True, window: int = 320,
-                  stride: int = 256, batch_size: int = 8) -> np.ndarray:
+                  stride: int = 256, batch_size: int = 8, keep: WindowKeep | None = None,
+                  num_classes: int = 0) -> np.ndarray:
   """Class probabilities of one image: multi-scale × flip sliding-window inference (docs/reference.md §6).
 
   For each scale s: resize the image to `scaled_size(H, W, s)` (bilinear, half-pixel, no
@@ -207,12 +257,18 @@ def predict_probs(apply_fn: ApplyFn, image: np.ndarray, *,
     scales: resize ratios (the paper's eight by default); each > 0.
     flip: add horizontally flipped passes.
     window, stride, batch_size: as in `sliding_window_logits`.
+    keep: optional window predicate in `image` pixels, (y0, y1, x0, x1) -> bool (half-open, floats:
+      a scaled window maps back to fractional image pixels; e.g. tissue detection,
+      `oeem_jax.predict.tissue.WindowFilter.any_tissue`). A window it refuses is not run, in any
+      pass; pixels no run window covers get class 0 (probability ~1). None = every window (eval).
+    num_classes: C, required with `keep` (the output of a pass whose windows were all refused).
 
   Returns:
     float32[H, W, C] probabilities (each pixel sums to 1).
 
   Raises:
-    ValueError: image not uint8[H, W, 3], empty or non-positive scales, or a bad `apply_fn`.
+    ValueError: image not uint8[H, W, 3], empty or non-positive scales, a bad `apply_fn`, or `keep`
+      without `num_classes`.
   """
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
@@ -234,6 +290,15 @@ def predict_probs(apply_fn: ApplyFn, image: np.ndarray, *,
         total.append(probs.astype(np.float32))
     return done
 
+  def pass_keep(size: tuple[int, int], flipped: bool) -> WindowKeep | None:
+    """`keep` in the pixels of a pass of `size` (h, w), flipped or not."""
+    if keep is None:
+      return None
+    fy, fx = height / size[0], width / size[1]
+    if flipped:
+      return lambda y0, y1, x0, x1: keep(y0 * fy, y1 * fy, (size[1] - x1) * fx, (size[1] - x0) * fx)
+    return lambda y0, y1, x0, x1: keep(y0 * fy, y1 * fy, x0 * fx, x1 * fx)
+
   def passes():
     source = image.astype(np.float32)
     for s in scales:
@@ -243,11 +308,12 @@ def predict_probs(apply_fn: ApplyFn, image: np.ndarray, *,
       if net_in.shape != scaled.shape:
         raise ValueError(f"predict_probs: normalize changed the shape {scaled.shape} -> "
                          f"{net_in.shape}")
-      yield net_in, finisher(False)
+      yield net_in, finisher(False), pass_keep(size, False)
       if flip:
-        yield np.ascontiguousarray(net_in[:, ::-1]), finisher(True)
+        yield np.ascontiguousarray(net_in[:, ::-1]), finisher(True), pass_keep(size, True)
 
-  _run_passes(apply_fn, passes(), window=window, stride=stride, batch_size=batch_size)
+  _run_passes(apply_fn, passes(), window=window, stride=stride, batch_size=batch_size,
+              num_classes=num_classes)
   return total[0] / np.float32(len(scales) * (2 if flip else 1))
 
 

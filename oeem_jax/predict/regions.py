@@ -27,12 +27,15 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import numpy as np
 from absl import logging
 
 from oeem_jax.evaluation import inference
+
+if TYPE_CHECKING:
+  from oeem_jax.predict.tissue import WindowFilter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +121,8 @@ def predict_mask(apply_fn: inference.ApplyFn, read: Callable[[int, int, int, int
                  height: int, width: int, *, normalize: Callable[[np.ndarray], np.ndarray],
                  scales: Sequence[float], flip: bool, window: int, stride: int, batch_size: int,
                  rescale: float = 1.0, region_size: int = 4096, align: bool = True,
-                 name: str = "") -> np.ndarray:
+                 name: str = "", tissue: "WindowFilter | None" = None, num_classes: int = 2,
+                 stats: dict | None = None) -> np.ndarray:
   """Gland mask of an image of any size, region by region (module docstring).
 
   Args:
@@ -136,6 +140,13 @@ def predict_mask(apply_fn: inference.ApplyFn, read: Callable[[int, int, int, int
     region_size: core side (input px).
     align: align read windows for every scale (`region_align`), else to the stride only.
     name: image name for the progress log.
+    tissue: optional `oeem_jax.predict.tissue.WindowFilter` of the image: a region whose read
+      window holds no tissue is neither read nor predicted, and inside a region only the windows
+      that touch tissue run (`inference.predict_probs`, `keep`); what is skipped is class 0.
+      None = every window (the same mask as stage eval).
+    num_classes: C of the network (with `tissue`: the class 0 of skipped pixels needs it).
+    stats: optional dict filled with "windows" (in all passes of all regions that were read),
+      "windows_skipped" (of those, refused by `tissue`) and "regions_skipped" (no tissue at all).
 
   Returns:
     uint8[height, width]: argmax class per pixel (0 = non-gland, 1 = gland), before any
@@ -153,17 +164,37 @@ def predict_mask(apply_fn: inference.ApplyFn, read: Callable[[int, int, int, int
   mask = np.zeros((height, width), np.uint8)
   start = time.time()
   done_px, total_px = 0, height * width
+  counts = {"windows": 0, "windows_skipped": 0, "regions_skipped": 0}
   for k, r in enumerate(regions):
-    image = read(r.read_y0, r.read_y1, r.read_x0, r.read_x1)
-    probs = inference.predict_probs(apply_fn, image, normalize=normalize, scales=eff, flip=flip,
-                                    window=window, stride=stride, batch_size=batch_size)
-    core = probs[r.y0 - r.read_y0:r.y1 - r.read_y0, r.x0 - r.read_x0:r.x1 - r.read_x0]
-    mask[r.y0:r.y1, r.x0:r.x1] = np.argmax(core, axis=-1)
-    del image, probs, core
+    keep = None
+    if tissue is not None:
+      keep = _counting_keep(tissue, r.read_y0, r.read_x0, counts)
+    if tissue is not None and not tissue.any_tissue(r.read_y0, r.read_y1, r.read_x0, r.read_x1):
+      counts["regions_skipped"] += 1  # all glass: the core stays class 0, nothing is read
+    else:
+      image = read(r.read_y0, r.read_y1, r.read_x0, r.read_x1)
+      probs = inference.predict_probs(apply_fn, image, normalize=normalize, scales=eff, flip=flip,
+                                      window=window, stride=stride, batch_size=batch_size,
+                                      keep=keep, num_classes=num_classes)
+      core = probs[r.y0 - r.read_y0:r.y1 - r.read_y0, r.x0 - r.read_x0:r.x1 - r.read_x0]
+      mask[r.y0:r.y1, r.x0:r.x1] = np.argmax(core, axis=-1)
+      del image, probs, core
     done_px += (r.y1 - r.y0) * (r.x1 - r.x0)
     elapsed = time.time() - start
     if len(regions) > 1:
       logging.info("predict %s: region %d/%d done (%.0f %% of the pixels), %s elapsed, ETA %s", name,
                    k + 1, len(regions), 100 * done_px / total_px, format_eta(elapsed),
                    format_eta(elapsed / done_px * (total_px - done_px)))
+  if stats is not None:
+    stats.update(counts)
   return mask
+
+
+def _counting_keep(tissue, oy: int, ox: int, counts: dict) -> inference.WindowKeep:
+  """`tissue.any_tissue` for windows of a region read at (oy, ox), tallying into `counts`."""
+  def keep(y0, y1, x0, x1) -> bool:
+    ok = tissue.any_tissue(oy + y0, oy + y1, ox + x0, ox + x1)
+    counts["windows"] += 1
+    counts["windows_skipped"] += not ok
+    return ok
+  return keep

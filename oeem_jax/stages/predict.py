@@ -39,7 +39,7 @@ from absl import logging
 
 from oeem_jax.errors import InputError
 from oeem_jax.evaluation import inference
-from oeem_jax.predict import glands, images, regions, stain
+from oeem_jax.predict import glands, images, regions, stain, tissue
 from oeem_jax.runtime import io_utils
 
 SETTING_KEYS = ("scales", "flip", "window", "stride", "batch_size", "min_object_area",
@@ -86,6 +86,39 @@ def inference_settings(cfg: ml_collections.ConfigDict, card: dict[str, Any]) -> 
     raise InputError(f"config key predict.split_h is {out['split_h']}; expected a distance in pixels "
                      ">= 0 (0 = no splitting of touching glands)")
   return out
+
+
+def detect_tissue(src: images.ImageSource, mpp: float | None, settings: dict[str, Any],
+                  rescale: float, cfg: ml_collections.ConfigDict, name: str
+                  ) -> tuple[tissue.WindowFilter | None, dict[str, Any]]:
+  """Tissue detection for one image as `predict.tissue_detection` asks ("on"; "off"; "auto": on
+  for images of more than `predict.tiff_mask_pixels` pixels, i.e. slides, off for fields of view).
+
+  A thumbnail at about `tissue.THUMBNAIL_MPP` µm/px is read in strips, `tissue.tissue_mask` finds
+  the tissue, and the returned filter keeps every window within one window (at the smallest
+  effective scale, `regions.region_margin`) of it: pixels inside the tissue mask get exactly the
+  prediction they would get without detection.
+
+  Returns:
+    (the `tissue.WindowFilter`, or None when detection is off; the record's "tissue" entry).
+  """
+  mode = str(cfg.tissue_detection)
+  h, w = src.height, src.width
+  if mode == "off" or (mode == "auto" and h * w <= int(cfg.tiff_mask_pixels)):
+    why = "predict.tissue_detection = 'off'" if mode == "off" else \
+        f"'auto': not a slide ({h * w} px <= predict.tiff_mask_pixels)"
+    return None, {"used": False, "reason": why}
+  start = time.time()
+  factor = tissue.thumbnail_factor(mpp)
+  thumb = tissue.read_thumbnail(src.read, h, w, factor)
+  found = tissue.tissue_mask(thumb, downsample=(float(factor), float(factor)), mpp=mpp)
+  margin = regions.region_margin(settings["window"], settings["scales"], rescale)
+  rec = {"used": True, **found.record(), "margin_px": margin,
+         "seconds": round(time.time() - start, 3)}
+  logging.info("predict %s: tissue detection on a %dx%d thumbnail (1/%d): %.1f %% tissue "
+               "(saturation threshold %.3f), %.1f s", name, thumb.shape[1], thumb.shape[0], factor,
+               100 * found.fraction, found.threshold, rec["seconds"])
+  return tissue.WindowFilter(found, h, w, margin=margin), rec
 
 
 def split_h_input(split_h: int, rescale: float) -> int:
@@ -235,7 +268,7 @@ def _identity(path: Path, name: str, loaded, settings: dict[str, Any],
            "params_digest": loaded.card["provenance"]["params_digest"], "settings": settings,
            "pixel_size_um": loaded.card.get("pixel_size_um"),
            **{k: cfg[k] for k in ("input_mpp", "region_size", "align_regions", "overlay_max_side",
-                                  "tiff_mask_pixels",
+                                  "tiff_mask_pixels", "tissue_detection",
                                   "simplify_px", "stain_check", "stain_z_max")}}
   return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -263,11 +296,23 @@ def predict_file(loaded, apply_fn, path: Path, name: str, settings: dict[str, An
       how = f"no rescaling: {missing} pixel size is unknown (set predict.input_mpp if it is known)"
       notes.append(how)
     logging.info("predict %s: %dx%d px (WxH), %s; %s", name, w, h, src.description, how)
+    window_filter, tissue_rec = detect_tissue(src, px.mpp, settings, rescale, cfg, name)
+    if tissue_rec.get("fraction") == 0.0:
+      notes.append("no tissue found (tissue detection): the mask is empty")
+    stats: dict[str, int] = {}
     mask = regions.predict_mask(
         apply_fn, src.read, h, w, normalize=loaded.normalize, scales=settings["scales"],
         flip=settings["flip"], window=settings["window"], stride=settings["stride"],
         batch_size=settings["batch_size"], rescale=rescale, region_size=int(cfg.region_size),
-        align=bool(cfg.align_regions), name=name)
+        align=bool(cfg.align_regions), name=name, tissue=window_filter,
+        num_classes=int(loaded.card["network"]["seg"]["num_classes"]), stats=stats)
+    if window_filter is not None:
+      tissue_rec.update(stats)
+      tissue_rec["windows_skipped_fraction"] = round(stats["windows_skipped"] / stats["windows"], 6) \
+          if stats["windows"] else 1.0
+      logging.info("predict %s: tissue detection skipped %d of %d windows (%.1f %%) and %d "
+                   "regions of glass only", name, stats["windows_skipped"], stats["windows"],
+                   100 * tissue_rec["windows_skipped_fraction"], stats["regions_skipped"])
     step = (regions.region_align(settings["stride"], settings["scales"], rescale)
             if cfg.align_regions else settings["stride"])
     num_regions = len(regions.plan_regions(
@@ -299,7 +344,7 @@ def predict_file(loaded, apply_fn, path: Path, name: str, settings: dict[str, An
                  "rescaled": rescale != 1.0, "num_glands": len(rows),
                  "gland_area_px": gland_px, "gland_area_fraction": gland_px / float(h * w),
                  "gland_area_um2": None if px.mpp is None else gland_px * px.mpp ** 2,
-                 "stain": check}
+                 "stain": check, "tissue": tissue_rec}
   fc = glands.feature_collection(labels, rows, simplify_px=float(cfg.simplify_px), properties={
       "image": name, "width": w, "height": h, "pixel_size_um": px.mpp,
       "model": loaded.card["provenance"]["params_digest"],
@@ -438,7 +483,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
       "num_rescaled": sum(bool(r["rescaled"]) for r in records),
       "images": [{k: r[k] for k in ("name", "input", "width", "height", "num_glands",
                                     "gland_area_fraction", "gland_area_um2", "pixel_size_um",
-                                    "pixel_size_source", "rescale", "rescaled", "stain", "outputs",
+                                    "pixel_size_source", "rescale", "rescaled", "stain", "tissue", "outputs",
                                     "notes") if k in r} for r in records],
       "failed": failed,
       "exit_status": FAILED_EXIT_STATUS if failed else 0,
