@@ -177,7 +177,9 @@ def add_seg_config(c: ml_collections.ConfigDict, *, loss_kind: str = "oeem",
   stage-cls classifier, seg.init_hook), backbone_checkpoint (which of that classifier's checkpoints:
   "best", "average", "latest" or a step), crop_size (256), scale_min / scale_max (random rescale range),
   photometric (photometric distortion on/off), num_classes, b7_dilation (4), eval_window /
-  eval_stride (sliding window of the single-scale validation), eval_batch_size, num_eval_images.
+  eval_stride (sliding window of the single-scale validation), eval_batch_size, num_eval_images,
+  self_training_rounds (0 = none; R = R more trainings, each on the previous one's relabelled training
+  images, stages/seg.py `relabel_masks`), relabel_scales, relabel_flip.
   """
   c.seg = ml_collections.ConfigDict(dict(
       loss_kind=loss_kind, loss_reference_compat=False, aux_weight=0.4,
@@ -187,5 +189,8 @@ def add_seg_config(c: ml_collections.ConfigDict, *, loss_kind: str = "oeem",
       crop_size=256, scale_min=0.75, scale_max=3.0, photometric=True,
       num_classes=2, b7_dilation=4,
       eval_window=320, eval_stride=256, eval_batch_size=8, num_eval_images=3,
+      # Self-training (stages/seg.py run): extra rounds, each trained on the previous round's
+      # relabelled training images (predicted at relabel_scales, flipped with relabel_flip).
+      self_training_rounds=0, relabel_scales=(1.0,), relabel_flip=False,
   ))
   return c

@@ -212,6 +212,10 @@ STAGE_RULES: dict[str, list[Rule]] = {
         ("seg.eval_stride", _stride("seg.eval_window"), "a stride in pixels in 1..seg.eval_window"),
         ("seg.eval_batch_size", _int_at_least(1), "a batch size >= 1"),
         ("seg.num_eval_images", _int_at_least(0), "a count >= 0"),
+        ("seg.self_training_rounds", lambda v, c: _is_int(v) and v >= 0 and
+         (v == 0 or _get(c, "seg.mask_source", "pseudo") == "pseudo"),
+         "a number of rounds >= 0 (0 = none; > 0 only with seg.mask_source 'pseudo')"),
+        ("seg.relabel_scales", _scales, "a non-empty tuple of scales > 0, e.g. (1.0,)"),
     ],
     "cam": [
         ("cam.checkpoint", _checkpoint, CHECKPOINT_CHOICES),

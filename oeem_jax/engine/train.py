@@ -416,13 +416,14 @@ def _fresh_state(task: Task, seed: int, shardings: PyTree, mesh: Mesh) -> TrainS
 def _earlier_files(stage_dir: Path) -> list[str]:
   """Top-level entries of stage_dir holding files (not folders: other processes may be creating
   those right now) of an earlier attempt; the network card, which the stage writes before training
-  starts, is not one."""
-  from oeem_jax.runtime.artifacts import NETWORK_CARD
+  starts, is not one, nor are the folders of earlier self-training rounds (`artifacts.round_dir`)."""
+  from oeem_jax.runtime.artifacts import NETWORK_CARD, ROUND_PREFIX
 
   if not stage_dir.is_dir():
     return []
   return sorted({p.relative_to(stage_dir).parts[0] for p in stage_dir.rglob("*")
-                 if p.is_file() and p.relative_to(stage_dir).parts != (NETWORK_CARD,)})
+                 if p.is_file() and p.relative_to(stage_dir).parts != (NETWORK_CARD,)
+                 and not p.relative_to(stage_dir).parts[0].startswith(ROUND_PREFIX)})
 
 
 def _initial_state(task: Task, options: LoopOptions, mesh: Mesh, ckpts: Checkpoints,

@@ -57,6 +57,17 @@ def upstream_dir(own_stage_dir: str | Path, stage: str, override: str | Path = "
   return stage_dir(Path(own_stage_dir).parent, stage)
 
 
+# ---- self-training rounds (seg)
+
+ROUND_PREFIX = "round_"
+
+
+def round_dir(stage_dir: str | Path, r: int, rounds: int) -> Path:
+  """Where self-training round r of `rounds` extra rounds trains: WORKDIR/seg/round_<r> for the
+  earlier rounds, WORKDIR/seg itself for the last (what eval and export read)."""
+  return Path(stage_dir) if r == rounds else Path(stage_dir) / f"{ROUND_PREFIX}{r}"
+
+
 def network_card_path(train_stage_dir: str | Path) -> Path:
   """`WORKDIR/<stage>/network.json` of a training stage (cls, seg): the network's constructor
   arguments and input normalisation (`oeem_jax.models.factory.network_card`), written when training

@@ -28,6 +28,7 @@ the validation images, one confusion matrix -> `miou` (+ gland IoU, Dice). The b
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
@@ -43,7 +44,7 @@ from oeem_jax.evaluation import inference, metrics
 from oeem_jax.method import losses
 from oeem_jax.models.network import config_input_stats as input_stats
 from oeem_jax.models.network import imagenet_init_hook
-from oeem_jax.runtime import artifacts
+from oeem_jax.runtime import artifacts, io_utils
 from oeem_jax.stages._training import (StageParts, average_note, colour_mask, panel, summary_line,
                                        train_stage)
 
@@ -231,27 +232,138 @@ def make_loss_fn(model, seg_cfg):
   return loss_fn
 
 
+def relabel_masks(model, variables, examples: Sequence[Any], config: ml_collections.ConfigDict,
+                  normalize) -> list[np.ndarray]:
+  """A self-training round's labels: the segmenter's own prediction of each training image, with the
+  classes absent from a tile's patch label suppressed and the tiles stitched by majority vote.
+
+  This is what stage cam does with the classifier's CAMs (docs/reference.md §3 steps 6-7), with the
+  segmenter's class probabilities (`inference.predict_probs` at `seg.relabel_scales`, flipped too with
+  `seg.relabel_flip`, window / stride `seg.eval_window` / `seg.eval_stride`) in place of the CAM: the
+  patch labels (`data.tile_size` / `data.tile_stride` grid, `data.label_threshold`) are the weak
+  supervision both rounds share, so no pixel label is used.
+
+  Args:
+    model, variables: the trained segmenter (PSPNet; {"params", "batch_stats"}).
+    examples: the training `Example`s (uint8[H, W, 3] images; their masks give the patch labels).
+    config: the seg stage config.
+    normalize: float32[h, w, 3] RGB 0..255 -> network input.
+
+  Returns:
+    one uint8[H, W] mask (0 = non-gland, 1 = gland) per example.
+  """
+  from oeem_jax.data import tiles as tiles_lib
+  from oeem_jax.models import segmenter_apply_fn
+
+  apply_fn = segmenter_apply_fn(model, variables)
+  scales = tuple(float(v) for v in config.seg.relabel_scales)
+  tile, tile_stride = int(config.data.tile_size), int(config.data.tile_stride)
+  out = []
+  for k, ex in enumerate(examples):
+    probs = inference.predict_probs(apply_fn, ex.image, normalize=normalize, scales=scales,
+                                    flip=bool(config.seg.relabel_flip),
+                                    window=int(config.seg.eval_window),
+                                    stride=int(config.seg.eval_stride),
+                                    batch_size=int(config.seg.eval_batch_size))
+    h, w = probs.shape[:2]
+    _, labels = tiles_lib.example_tiles(ex, tile, tile_stride, float(config.data.label_threshold),
+                                        images=False)
+    tile_probs = tiles_lib.extract_tiles(probs, tile, tile_stride)
+    tile_masks = np.argmax(tile_probs * labels[:, None, None, :].astype(np.float32), axis=-1)
+    out.append(tiles_lib.stitch(tile_masks.astype(np.uint8), tiles_lib.tile_boxes(h, w, tile, tile_stride),
+                                h, w, "vote"))
+    logging.log_every_n_seconds(logging.INFO, "seg: relabelled %d/%d training images", 20, k + 1,
+                                len(examples))
+  return out
+
+
 def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   """Trains the segmenter (module docstring); returns the summary fields of `train.train_loop`
   plus data facts and the final summary line.
+
+  With `seg.self_training_rounds` = R > 0 the segmenter is trained R + 1 times, each round from the
+  same initialisation with the previous round's relabelled training images as its masks
+  (`relabel_masks`); rounds 0 .. R-1 live in WORKDIR/seg/round_<r>/ (each with its
+  `relabelled/<name>.png` masks and a `round.json`), the last in WORKDIR/seg. A rerun resumes at the
+  first round without its round.json.
 
   Raises:
     FileNotFoundError: missing pseudo-masks or `model.init_checkpoint`.
     ValueError: bad config values (mask source, loss kind, batch not divisible by the devices).
     errors.NonFiniteLossError, train.Preempted: see `train.train_loop`.
   """
-  from oeem_jax.data import loader, pipeline
+  from oeem_jax.data import loader
 
   data = loader.load_splits(config.data)
   examples = data.splits["train"]
   if not examples:
     raise ValueError("seg: no training images (config key data.dir / data.val_count)")
   masks = training_masks(config, stage_dir, examples)
-  images = [ex.image for ex in examples]
   if config.seg.mask_source == "pseudo":
     agree = [np.mean((m == 1) == (ex.mask > 0)) for m, ex in zip(masks, examples)]
     logging.info("seg: pseudo-masks from %s agree with the true masks on %.1f %% of the pixels",
                  pseudo_dir(config, stage_dir), 100 * float(np.mean(agree)))
+  rounds = int(config.seg.get("self_training_rounds", 0))
+  history = []
+  for r in range(rounds + 1):
+    where = artifacts.round_dir(stage_dir, r, rounds)
+    done = where / "round.json"
+    if r < rounds and done.is_file():
+      with open(done) as f:
+        history.append(json.load(f))
+      logging.info("seg: self-training round %d of %d complete (%s), skipped", r, rounds, done)
+    else:
+      where.mkdir(parents=True, exist_ok=True)
+      if rounds:
+        logging.info("seg: self-training round %d of %d in %s", r, rounds, where)
+      result = _train_round(config, stage_dir, where, data, examples, masks)
+      entry = {"round": r, "dir": str(where), "final_eval": result.get("final_eval"),
+               "average": result.get("average"), "params_digest": result.get("params_digest")}
+      if r < rounds:
+        io_utils.atomic_write_json(done, entry)
+      history.append(entry)
+    if r < rounds:
+      masks = _relabelled(config, where, examples)
+  if rounds:
+    result["self_training"] = history
+    result["final_line"] += "; self-training: " + ", ".join(
+        f"round {h['round']} val mIoU {100 * h['final_eval']['miou']:.2f}" for h in history
+        if h.get("final_eval"))
+  return result
+
+
+def _relabelled(config, where: Path, examples) -> list[np.ndarray]:
+  """The masks of the round after the one in `where`: read back from `where/relabelled/` when a
+  previous run finished them, else predicted (`relabel_masks`) and written there (marker last)."""
+  from oeem_jax.engine.checkpoint import load_variables
+  from oeem_jax.models.network import trained_network
+
+  folder = where / "relabelled"
+  marker = folder / "relabel.json"
+  if marker.is_file():
+    return [artifacts.read_pseudo_mask(artifacts.mask_file(folder, ex.name), ex.image.shape[:2])
+            for ex in examples]
+  variables, step = load_variables(where, "latest")
+  network = trained_network(where, "seg")
+  out = relabel_masks(network.model, variables, examples, config, network.normalize)
+  for ex, m in zip(examples, out):
+    io_utils.atomic_write_png(artifacts.mask_file(folder, ex.name), m,
+                              palette=artifacts.PSEUDO_MASK_PALETTE)
+  agree = float(np.mean([np.mean((m == 1) == (ex.mask > 0)) for m, ex in zip(out, examples)]))
+  io_utils.atomic_write_json(marker, {"step": step, "num_images": len(out),
+                                      "scales": list(config.seg.relabel_scales),
+                                      "flip": bool(config.seg.relabel_flip),
+                                      "agreement_with_true_masks": agree})
+  logging.info("seg: %d relabelled masks in %s (agree with the true masks on %.1f %% of the pixels)",
+               len(out), folder, 100 * agree)
+  return out
+
+
+def _train_round(config, stage_dir: Path, where: Path, data, examples, masks) -> dict[str, Any]:
+  """One training of the segmenter in `where` on `masks` (the body of `run`)."""
+  from oeem_jax.data import pipeline
+
+  images = [ex.image for ex in examples]
   steps = int(config.train.steps)
   batch = int(config.train.batch_size)
   crop = int(config.seg.crop_size)
@@ -281,7 +393,7 @@ def run(config: ml_collections.ConfigDict, stage_dir: Path) -> dict[str, Any]:
   identity["masks_sha256"] = _masks_digest(masks)
   freeze = (dict(freeze_stem=False, freeze_bn=True, only_under="backbone")
             if model.backbone_bn_frozen else None)
-  result = train_stage(config, stage_dir, StageParts(
+  result = train_stage(config, where, StageParts(
       name="seg", model=model, input_size=crop, loss_fn=make_loss_fn(model, config.seg),
       dataset=dataset, pretrained=load, freeze=freeze, val_examples=data.splits["val"],
       make_validator=make_validator, best_metric="miou", identity=identity), steps)
