@@ -133,7 +133,6 @@ class _Pass:
                      if keep(y, min(h, y + window), x, min(w, x + window))]
       self.kept_count = np.zeros((ph, pw), np.float32)
       self.num_classes = num_classes
-    self.total = len(coords)
     self.remaining = len(self.coords)
     if self.remaining == 0:
       self._finish()
@@ -166,16 +165,13 @@ class _Pass:
 
 
 def _run_passes(apply_fn: ApplyFn, passes: Iterable[tuple], *, window: int, stride: int,
-                batch_size: int, num_classes: int = 0) -> tuple[int, int]:
+                batch_size: int, num_classes: int = 0) -> None:
   """Streams the windows of all passes through `apply_fn` in fixed-shape batches.
 
   `passes` yields (image float32[H, W, 3], done) or (image, done, keep); `done(logits float32[H, W,
   C])` is called as soon as all windows of that pass are back. `keep` (a `WindowKeep` in the pass's
   pixels, or None) drops windows (see `_Pass`; needs `num_classes`). Passes are consumed lazily, so
   only the passes with windows in the current batch are held in memory.
-
-  Returns:
-    (windows in all passes, windows skipped by `keep`).
   """
   if window < 1 or stride < 1 or batch_size < 1:
     raise ValueError(f"window, stride and batch_size must be >= 1, got {window}, {stride}, "
@@ -195,7 +191,6 @@ def _run_passes(apply_fn: ApplyFn, passes: Iterable[tuple], *, window: int, stri
       p.add(y, x, out[k], window)
     pending.clear()
 
-  total = skipped = 0
   for item in passes:
     image, done = item[0], item[1]
     keep = item[2] if len(item) > 2 else None
@@ -203,15 +198,12 @@ def _run_passes(apply_fn: ApplyFn, passes: Iterable[tuple], *, window: int, stri
     if image.ndim != 3 or image.shape[-1] != 3:
       raise ValueError(f"expected an image float32[H, W, 3], got shape {image.shape}")
     p = _Pass(image, done, window, stride, keep, num_classes)
-    total += p.total
-    skipped += p.total - len(p.coords)
     for y, x in p.coords:
       pending.append((p, y, x))
       if len(pending) == batch_size:
         flush()
   if pending:
     flush()
-  return total, skipped
 
 
 def sliding_window_logits(apply_fn: ApplyFn, image: np.ndarray, *, window: int = 320,

@@ -166,12 +166,10 @@ def predict_mask(apply_fn: inference.ApplyFn, read: Callable[[int, int, int, int
   done_px, total_px = 0, height * width
   counts = {"windows": 0, "windows_skipped": 0, "regions_skipped": 0}
   for k, r in enumerate(regions):
-    keep = None
-    if tissue is not None:
-      keep = _counting_keep(tissue, r.read_y0, r.read_x0, counts)
     if tissue is not None and not tissue.any_tissue(r.read_y0, r.read_y1, r.read_x0, r.read_x1):
       counts["regions_skipped"] += 1  # all glass: the core stays class 0, nothing is read
     else:
+      keep = None if tissue is None else _counting_keep(tissue, r.read_y0, r.read_x0, counts)
       image = read(r.read_y0, r.read_y1, r.read_x0, r.read_x1)
       probs = inference.predict_probs(apply_fn, image, normalize=normalize, scales=eff, flip=flip,
                                       window=window, stride=stride, batch_size=batch_size,

@@ -253,6 +253,7 @@ def relabel_masks(model, variables, examples: Sequence[Any], config: ml_collecti
     one uint8[H, W] mask (0 = non-gland, 1 = gland) per example.
   """
   from oeem_jax.data import tiles as tiles_lib
+  from oeem_jax.method import pseudo_mask
   from oeem_jax.models import segmenter_apply_fn
 
   apply_fn = segmenter_apply_fn(model, variables)
@@ -268,9 +269,9 @@ def relabel_masks(model, variables, examples: Sequence[Any], config: ml_collecti
     h, w = probs.shape[:2]
     _, labels = tiles_lib.example_tiles(ex, tile, tile_stride, float(config.data.label_threshold),
                                         images=False)
-    tile_probs = tiles_lib.extract_tiles(probs, tile, tile_stride)
-    tile_masks = np.argmax(tile_probs * labels[:, None, None, :].astype(np.float32), axis=-1)
-    out.append(tiles_lib.stitch(tile_masks.astype(np.uint8), tiles_lib.tile_boxes(h, w, tile, tile_stride),
+    tile_masks = pseudo_mask.label_masked_argmax(tiles_lib.extract_tiles(probs, tile, tile_stride),
+                                                 labels)
+    out.append(tiles_lib.stitch(np.asarray(tile_masks), tiles_lib.tile_boxes(h, w, tile, tile_stride),
                                 h, w, "vote"))
     logging.log_every_n_seconds(logging.INFO, "seg: relabelled %d/%d training images", 20, k + 1,
                                 len(examples))
